@@ -1,0 +1,35 @@
+"""The one canonical record every dataset reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image with its captions.
+
+    Attributes:
+        id: Unique identifier of the image within its dataset.
+        image: Image reference: a file path, or ``"SHARD.tar::MEMBER"`` for a member of a tar shard.
+        captions: One or more captions describing the image.
+        split: Dataset split, e.g. ``"train"``, ``"val"`` or ``"test"``.
+        label: Optional class name, used by zero-shot classification.
+    """
+
+    id: str
+    image: str
+    captions: tuple[str, ...]
+    split: str = "train"
+    label: str | None = None
+
+
+class DatasetError(ValueError):
+    """A dataset could not be read; the message names the file and the row or key."""
+
+    def __init__(self, source: str, location: str | int | None, problem: str) -> None:
+        where = f"{source}" if location is None else f"{source}, {location}"
+        super().__init__(f"{where}: {problem}")
+        self.source = source
+        self.location = location
+        self.problem = problem

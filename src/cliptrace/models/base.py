@@ -1,0 +1,68 @@
+"""The DualEncoder contract every model adapter fulfils."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from cliptrace.data.transforms import ImageTransform
+
+LOGIT_SCALE_MAX = 4.605170185988092  # ln(100), the clamp open_clip applies after every step
+
+
+class DualEncoder(nn.Module, abc.ABC):
+    """An image tower and a text tower mapping into one embedding space, plus a learned temperature.
+
+    Subclasses set ``self.preprocess`` (PIL image -> tensor) and implement the abstract methods.
+    The similarity logit of image ``i`` and text ``t`` is ``exp(logit_scale) * <φ_i, ψ_t>`` with
+    normalized embeddings φ, ψ.
+    """
+
+    preprocess: ImageTransform
+
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Embed a batch of preprocessed images (B, 3, H, W) into (B, D)."""
+
+    @abc.abstractmethod
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """Embed a batch of tokenized texts (B, L) into (B, D)."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize texts to ``{"input_ids", "attention_mask"}`` tensors of shape (B, L)."""
+
+    @property
+    @abc.abstractmethod
+    def logit_scale(self) -> nn.Parameter:
+        """The log of the inverse temperature (a scalar parameter); the logit multiplier is its exp."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write a self-describing model directory that :func:`cliptrace.models.load_model` reads offline."""
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return normalized image features, normalized text features and the logit multiplier exp(scale)."""
+        return (
+            self.encode_image(pixel_values),
+            self.encode_text(input_ids, attention_mask),
+            self.logit_scale.exp(),
+        )
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Clamp the log scale to [0, ln 100], as CLIP training does after every optimizer step."""
+        self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+
+def normalize(features: torch.Tensor, enabled: bool = True) -> torch.Tensor:
+    """L2-normalize along the last dimension when ``enabled``."""
+    return F.normalize(features, dim=-1) if enabled else features

@@ -1,0 +1,105 @@
+"""The settings of one training run, stored as ``config.json`` in the run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Settings that may differ when a run is resumed; every other setting must match the stored run.
+RESUMABLE_CHANGES = ("epochs", "num_workers", "progress")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run.
+
+    Attributes:
+        data: Dataset path in any format :func:`cliptrace.data.load_records` reads.
+        out: Run directory (config, logs, checkpoints, final model).
+        model: Model directory to start from; None builds a new model from ``preset``.
+        preset: Size preset of a new HF CLIP model (see :data:`cliptrace.models.PRESETS`).
+        image_size: Input resolution of a new model; None keeps the preset's.
+        vocab_size: Vocabulary size of the BPE tokenizer trained on the training captions of a new model.
+        data_format: Dataset format, or "auto" to detect it from the path.
+        train_split: Split to train on.
+        eval_split: Split evaluated after every epoch; None or a split with no records skips it.
+        epochs: Number of passes over the training split.
+        batch_size: Global batch size (split evenly over devices); the last partial batch of an epoch is dropped.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay of matrices (biases, norms, the logit scale and 1-D params get none).
+        warmup_steps: Linear warmup steps before the cosine decay to zero.
+        grad_clip: Maximum gradient norm; None disables clipping.
+        precision: Fabric precision, e.g. "32-true", "bf16-mixed", "16-mixed".
+        accelerator: Fabric accelerator: "auto", "cpu", "cuda", "mps".
+        devices: Devices (processes) per node.
+        num_nodes: Number of nodes.
+        strategy: Fabric strategy, e.g. "auto", "ddp".
+        num_workers: DataLoader worker processes.
+        seed: Seed of initialization, data order and caption choice; the same seed gives the same weights.
+        save_every: Save a checkpoint every this many epochs (the last epoch is always saved).
+        keep_checkpoints: Keep only the newest N checkpoints; 0 keeps all (attribution ensembles use several).
+        cache_images: Keep preprocessed training images in memory.
+        progress: Show progress bars.
+    """
+
+    data: str
+    out: str
+    model: str | None = None
+    preset: str = "tiny"
+    image_size: int | None = None
+    vocab_size: int = 1024
+    data_format: str = "auto"
+    train_split: str = "train"
+    eval_split: str | None = "val"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float | None = 1.0
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    save_every: int = 1
+    keep_checkpoints: int = 0
+    cache_images: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "devices", "num_nodes", "save_every", "vocab_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "num_workers", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+    def save(self, path: Path) -> None:
+        """Write the config as JSON."""
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        """Read a config written by :meth:`save`."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise ValueError(f"{path}: not a readable training config ({error})") from error
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple[object, object]]:
+        """Settings that differ from ``other`` and may not change on resume, as name -> (self, other)."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        return {
+            name: (mine[name], theirs[name])
+            for name in mine
+            if name not in RESUMABLE_CHANGES and mine[name] != theirs[name]
+        }

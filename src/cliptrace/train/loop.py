@@ -1,0 +1,232 @@
+"""The training loop: contrastive training of a DualEncoder driven by Lightning Fabric."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from lightning.fabric import Fabric
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from cliptrace.data.images import ImageLoader
+from cliptrace.data.pairs import PairDataset, make_collate
+from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.record import Record
+from cliptrace.evaluate import evaluate
+from cliptrace.models import HFCLIP, load_model, train_tokenizer
+from cliptrace.models.base import DualEncoder
+from cliptrace.train.checkpoint import (
+    atomic_directory,
+    checkpoint_dir,
+    list_checkpoints,
+    load_training_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from cliptrace.train.config import TrainConfig
+from cliptrace.train.loss import contrastive_loss
+from cliptrace.train.metrics_log import MetricsLog
+from cliptrace.train.optim import build_optimizer
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+        run_dir: The run directory.
+        model_dir: The final model directory (loadable with :func:`cliptrace.models.load_model`).
+        checkpoints: Every checkpoint kept, oldest first.
+        metrics: Evaluation of the final model on the eval split (empty when there is none).
+        seconds: Wall-clock training time of this invocation.
+    """
+
+    run_dir: Path
+    model_dir: Path
+    checkpoints: list[Path]
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
+    """Create or validate the run directory; return it and the checkpoint to resume from (if any)."""
+    run_dir = Path(config.out)
+    config_path = run_dir / "config.json"
+    latest = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    if config_path.is_file():
+        if not resume:
+            raise FileExistsError(f"{run_dir}: a run already exists here; pass resume to continue it or choose another --out")
+        stored = TrainConfig.load(config_path)
+        changed = config.differences(stored)
+        if changed:
+            details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (new, old) in changed.items())
+            raise ValueError(f"{run_dir}: cannot resume with different settings ({details})")
+    return run_dir, latest
+
+
+def _new_model(config: TrainConfig, train_records: list[Record]) -> DualEncoder:
+    """A model to start from: the given model directory, or a new HF CLIP with a tokenizer trained on the captions."""
+    if config.model is not None:
+        return load_model(config.model)
+    captions = [caption for record in train_records for caption in record.captions]
+    preset_context = HFCLIP.preset_context_length(config.preset)
+    tokenizer = train_tokenizer(captions, vocab_size=config.vocab_size, context_length=preset_context)
+    return HFCLIP.from_preset(config.preset, tokenizer, image_size=config.image_size)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Train ``config``'s model contrastively and return where everything was saved.
+
+    A new run writes ``config.json``, then after every ``save_every`` epochs a checkpoint
+    ``checkpoints/epoch-NNNN/`` (model directory + ``training_state.pt``), per-step ``train.csv`` and per-epoch
+    ``eval.csv`` logs (and TensorBoard when installed), and at the end ``model/`` and ``metrics.json``. With
+    ``resume=True`` an existing run continues from its newest checkpoint (same settings; ``epochs`` may grow).
+    """
+    started = time.perf_counter()
+    run_dir, latest = _prepare_run_dir(config, resume)
+    fabric = Fabric(
+        accelerator=config.accelerator,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=config.strategy,
+        precision=config.precision,
+    )
+    fabric.launch()
+    world = fabric.world_size
+    if config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
+
+    records = load_records(config.data, format=config.data_format)
+    train_records = select_split(records, config.train_split)
+    eval_records = select_split(records, config.eval_split) if config.eval_split else []
+    if len(train_records) < config.batch_size:
+        raise ValueError(
+            f"{config.data}: split {config.train_split!r} has {len(train_records)} records, "
+            f"fewer than one batch of {config.batch_size}"
+        )
+
+    fabric.seed_everything(config.seed)
+    if latest is not None:
+        model = load_model(latest)
+        state = load_training_state(latest)
+    else:
+        model = _new_model(config, train_records)
+        state = None
+    if fabric.global_rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+
+    local_batch = config.batch_size // world
+    loader = ImageLoader()
+    dataset = PairDataset(
+        train_records, model.preprocess, loader=loader, caption_choice="random", seed=config.seed,
+        cache_images=config.cache_images,
+    )
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=fabric.global_rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    dataloader = DataLoader(
+        dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
+        collate_fn=make_collate(model.tokenize), num_workers=config.num_workers,
+    )
+    steps_per_epoch = len(dataloader)
+    optimizer, scheduler = build_optimizer(
+        model, config.lr, config.weight_decay, config.warmup_steps, config.epochs * steps_per_epoch
+    )
+    start_epoch, step = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = state["epoch"], state["step"]
+        torch.set_rng_state(state["torch_rng"])
+    fabric_model, optimizer = fabric.setup(model, optimizer)
+    dataloader = fabric.setup_dataloaders(dataloader, use_distributed_sampler=False)
+    log = MetricsLog(run_dir) if fabric.global_rank == 0 else None
+
+    with _progress(config.progress and fabric.global_rank == 0) as progress:
+        task = progress.add_task("train", total=config.epochs * steps_per_epoch, completed=step, status="")
+        for epoch in range(start_epoch, config.epochs):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            fabric_model.train()
+            for batch in dataloader:
+                image_features, text_features, scale = fabric_model(
+                    batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+                )
+                loss = contrastive_loss(image_features.float(), text_features.float(), scale.float())
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                grad_norm = (
+                    fabric.clip_gradients(fabric_model, optimizer, max_norm=config.grad_clip)
+                    if config.grad_clip
+                    else None
+                )
+                optimizer.step()
+                scheduler.step()
+                model.clamp_logit_scale()
+                step += 1
+                row = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                       "logit_scale": model.logit_scale.exp().item()}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                if log is not None:
+                    log.write("train", row)
+                progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {row['loss']:.3f}")
+            epoch_done = epoch + 1
+            if fabric.global_rank == 0 and eval_records:
+                metrics = evaluate(model, eval_records, loader, device=fabric.device)
+                log.write("eval", {"step": step, "epoch": epoch_done, **_scalars(metrics)})
+            if epoch_done % config.save_every == 0 or epoch_done == config.epochs:
+                if fabric.global_rank == 0:
+                    save_checkpoint(
+                        checkpoint_dir(run_dir, epoch_done),
+                        model,
+                        {
+                            "epoch": epoch_done,
+                            "step": step,
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "torch_rng": torch.get_rng_state(),
+                            "config": config.__dict__.copy(),
+                        },
+                    )
+                    prune_checkpoints(run_dir, config.keep_checkpoints)
+                fabric.barrier()
+
+    metrics = {}
+    model_dir = run_dir / "model"
+    if fabric.global_rank == 0:
+        with atomic_directory(model_dir) as partial:
+            model.save(partial)
+        if eval_records:
+            metrics = evaluate(model, eval_records, loader, device=fabric.device)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        log.close()
+    fabric.barrier()
+    return TrainResult(
+        run_dir=run_dir,
+        model_dir=model_dir,
+        checkpoints=list_checkpoints(run_dir),
+        metrics=metrics,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    """The top-level numeric entries of a metrics dict (per-class breakdowns stay in metrics.json)."""
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
