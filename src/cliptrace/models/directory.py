@@ -1,0 +1,182 @@
+"""The self-describing model directory: its ``cliptrace_model.json`` manifest, and loading any adapter from it.
+
+A model directory holds ``cliptrace_model.json``::
+
+    {"format_version": 1, "adapter": "hf_clip" | "frozen_dual_encoder" | "open_clip",
+     "preprocess": {"size": ..., "mean": [...], "std": [...]}, "context_length": ..., ...adapter fields}
+
+beside the adapter's weights (``model.safetensors``), configs and tokenizer files. A plain HuggingFace CLIP
+directory (``config.json`` of model type ``clip``, weights, tokenizer, optionally ``preprocessor_config.json``)
+loads too.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cliptrace.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
+from cliptrace.models.base import DualEncoder
+
+MANIFEST_NAME = "cliptrace_model.json"
+FORMAT_VERSION = 1
+ADAPTERS = ("hf_clip", "frozen_dual_encoder", "open_clip")
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+
+
+def write_manifest(
+    directory: str | Path, adapter: str, preprocess: ImageTransform, context_length: int, **fields: Any
+) -> None:
+    """Write ``cliptrace_model.json`` into ``directory`` (created if missing); ``fields`` are adapter-specific."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "adapter": adapter,
+        "preprocess": preprocess.to_dict(),
+        "context_length": context_length,
+        **fields,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """Read and validate ``cliptrace_model.json``; ``None`` when the directory has none.
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        ValueError: The manifest is not valid JSON, lacks a field, names an unknown adapter, or was
+            written by a newer format version.
+    """
+    directory = require_directory(directory)
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    for key in ("format_version", "adapter", "preprocess", "context_length"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}: model directory format_version {version!r} is newer than this cliptrace reads "
+            f"({FORMAT_VERSION}); upgrade cliptrace"
+        )
+    if manifest["adapter"] not in ADAPTERS:
+        raise ValueError(f"{directory}: unknown adapter {manifest['adapter']!r} in {MANIFEST_NAME}; known: {ADAPTERS}")
+    try:
+        manifest["preprocess"] = ImageTransform.from_dict(manifest["preprocess"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: key 'preprocess' is malformed ({error!r})") from None
+    return manifest
+
+
+def load_model(directory: str | Path, **kwargs: Any) -> DualEncoder:
+    """Load a model directory written by any adapter's ``save``, or a plain HuggingFace CLIP directory.
+
+    Args:
+        directory: The model directory.
+        **kwargs: Passed to the adapter's loader (e.g. ``attn_implementation="eager"`` for HF CLIP).
+
+    Raises:
+        FileNotFoundError: ``directory`` does not exist.
+        ValueError: The manifest is invalid (see :func:`read_manifest`), or the directory has neither a
+            manifest nor a HuggingFace ``config.json``.
+    """
+    from cliptrace.models.frozen import FrozenBackboneDualEncoder
+    from cliptrace.models.hf_clip import HFCLIP
+    from cliptrace.models.open_clip import OpenCLIPAdapter
+
+    manifest = read_manifest(directory)
+    if manifest is None:
+        if not (Path(directory) / "config.json").is_file():
+            raise ValueError(
+                f"{directory}: not a model directory (neither {MANIFEST_NAME} nor a HuggingFace config.json)"
+            )
+        return HFCLIP.from_pretrained(directory, **kwargs)
+    loaders = {
+        "hf_clip": HFCLIP.from_pretrained,
+        "frozen_dual_encoder": FrozenBackboneDualEncoder.load,
+        "open_clip": OpenCLIPAdapter.load,
+    }
+    return loaders[manifest["adapter"]](directory, **kwargs)
+
+
+def require_directory(directory: str | Path) -> Path:
+    """Return ``directory`` as a Path, or raise ``FileNotFoundError`` naming it when it is not a directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: model directory does not exist")
+    return directory
+
+
+def read_preprocessor_config(directory: str | Path) -> ImageTransform | None:
+    """The preprocessing a HuggingFace ``preprocessor_config.json`` declares; ``None`` when there is none.
+
+    The side length is the center-crop size when the file crops, else the resize size. OpenAI CLIP's
+    mean and std apply where the file gives none. Resizing to a size other than the crop (e.g. 256 then
+    crop 224) is approximated by resizing straight to the crop size, with a warning.
+
+    Raises:
+        ValueError: The file is not valid JSON or has no usable size.
+    """
+    path = Path(directory) / PREPROCESSOR_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
+    resize = _side(data.get("size"), path, "size")
+    crop = _side(data.get("crop_size"), path, "crop_size") if data.get("do_center_crop", True) else None
+    size = crop or resize
+    if size is None:
+        raise ValueError(f"{path}: neither key 'crop_size' nor key 'size' gives an image size")
+    if crop and resize and crop != resize:
+        warnings.warn(f"{path}: resize {resize} then crop {crop} is approximated by resizing to {crop}", stacklevel=2)
+    mean = tuple(float(v) for v in data.get("image_mean", OPENAI_CLIP_MEAN))
+    std = tuple(float(v) for v in data.get("image_std", OPENAI_CLIP_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{path}: keys 'image_mean' and 'image_std' must hold 3 values each")
+    return ImageTransform(size=size, mean=mean, std=std)
+
+
+def write_preprocessor_config(directory: str | Path, preprocess: ImageTransform) -> None:
+    """Write ``preprocess`` as a HuggingFace CLIP ``preprocessor_config.json`` (resize, center crop, normalize)."""
+    data = {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": preprocess.size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": preprocess.size, "width": preprocess.size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(preprocess.mean),
+        "image_std": list(preprocess.std),
+        "do_convert_rgb": True,
+    }
+    path = Path(directory) / PREPROCESSOR_CONFIG_NAME
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _side(value: Any, path: Path, key: str) -> int | None:
+    """A side length from an int or a ``{"shortest_edge"}``/``{"height", "width"}`` size entry."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        if "shortest_edge" in value:
+            return int(value["shortest_edge"])
+        if "height" in value and value.get("width", value["height"]) == value["height"]:
+            return int(value["height"])
+    raise ValueError(f"{path}: key {key!r} = {value!r} is not a square image size")

@@ -1,0 +1,113 @@
+"""Train a byte-level BPE tokenizer offline from captions, and tokenize text to fixed-length tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+PAD_TOKEN = "<|pad|>"
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|startoftext|>"
+# Ids 0, 1, 2 in this order: the EOS id is 1, never 2 (HF CLIP pools at argmax(input_ids) when eos_token_id == 2)
+# and never the highest id, so pooling at EOS and pooling at the highest id are told apart.
+SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
+MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+
+
+def train_tokenizer(
+    captions: Iterable[str],
+    vocab_size: int = 1024,
+    context_length: int = 32,
+    lowercase: bool = True,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on ``captions``; it encodes any UTF-8 text without unknown tokens.
+
+    Every encoding is ``<|startoftext|> ... <|endoftext|>``; truncation to ``context_length`` keeps the EOS
+    token last and padding uses ``<|pad|>`` (id 0). Ids: pad 0, EOS 1, BOS 2. Text is NFC-normalized and,
+    when ``lowercase``, lower-cased. Training is deterministic.
+
+    Args:
+        captions: Training texts.
+        vocab_size: Largest vocabulary size (256 byte tokens, 3 special tokens, then merges); a small corpus
+            may stop short of it.
+        context_length: Default maximum length of an encoding, BOS and EOS included.
+        lowercase: Lower-case text before encoding.
+
+    Raises:
+        ValueError: ``captions`` is empty or holds a non-string, ``vocab_size`` is below 259, or
+            ``context_length`` is below 3.
+    """
+    texts = list(captions)
+    if not texts:
+        raise ValueError("captions is empty: a tokenizer needs at least one caption to train on")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"captions[{index}] is {type(text).__name__}, not str")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+            f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    if context_length < 3:
+        raise ValueError(f"context_length={context_length} is too small: it must hold BOS, one token and EOS")
+
+    backend = Tokenizer(models.BPE())
+    steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    bos_id, eos_id = backend.token_to_id(BOS_TOKEN), backend.token_to_id(EOS_TOKEN)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        pair=f"{BOS_TOKEN} $A {EOS_TOKEN} $B {EOS_TOKEN}",
+        special_tokens=[(BOS_TOKEN, bos_id), (EOS_TOKEN, eos_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=context_length,
+        padding_side="right",
+        truncation_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context_length: int
+) -> dict[str, torch.Tensor]:
+    """Tokenize ``texts`` to ``{"input_ids", "attention_mask"}`` long tensors of shape (B, context_length).
+
+    Texts are padded to ``context_length`` and longer ones truncated, keeping the tokenizer's EOS token last.
+
+    Raises:
+        ValueError: ``texts`` is a bare string or empty, or an item is not a string.
+    """
+    if isinstance(texts, str):
+        raise ValueError("texts must be a sequence of strings, not one string")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is empty")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"texts[{index}] is {type(text).__name__}, not str")
+    encoded = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=context_length,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
