@@ -155,7 +155,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         start_epoch, step = state["epoch"], state["step"]
         torch.set_rng_state(state["torch_rng"])
     fabric_model, optimizer = fabric.setup(model, optimizer)
-    dataloader = fabric.setup_dataloaders(dataloader, use_distributed_sampler=False)
     log = MetricsLog(run_dir) if fabric.global_rank == 0 else None
 
     with _progress(config.progress and fabric.global_rank == 0) as progress:
@@ -164,7 +163,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             fabric_model.train()
-            for batch in dataloader:
+            for batch in dataloader:  # not wrapped by Fabric: it would reset the sampler epoch on resume
+                batch = fabric.to_device(batch)
                 image_features, text_features, scale = fabric_model(
                     batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
                 )

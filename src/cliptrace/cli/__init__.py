@@ -1,0 +1,24 @@
+"""The ``cliptrace`` command line: one entry point for every capability."""
+
+from __future__ import annotations
+
+import typer
+
+from cliptrace.cli.data import data_app
+from cliptrace.cli.evaluate import eval_command, retrieve_command
+from cliptrace.cli.shapes import shapes
+from cliptrace.cli.train import demo_command, train_command
+
+app = typer.Typer(
+    help="Train, evaluate and explain CLIP-style image-text models.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app.command("shapes", help="Generate the shapes world, the embedded synthetic dataset.")(shapes)
+app.add_typer(data_app, name="data", help="Generate, validate and preview datasets.")
+app.command("train", help="Train a CLIP model contrastively on an image-caption dataset.")(train_command)
+app.command("eval", help="Evaluate a model: retrieval R@k and zero-shot classification.")(eval_command)
+app.command("retrieve", help="Query a model by eye: top-k images for a caption, or captions for an image.")(
+    retrieve_command
+)
+app.command("demo", help="Generate the shapes world, train a tiny CLIP on it and evaluate it.")(demo_command)

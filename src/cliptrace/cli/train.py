@@ -1,0 +1,107 @@
+"""``cliptrace train`` and ``cliptrace demo``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from cliptrace.train.config import TrainConfig
+
+console = Console()
+DEMO_MARKER = "demo.json"
+
+
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Dataset: CSV/TSV, JSONL, COCO or Karpathy JSON, .tar shards, or a folder.")],
+    out: Annotated[Path, typer.Option(help="Run directory for config, logs, checkpoints and the final model.")],
+    model: Annotated[Optional[Path], typer.Option(help="Start from this model directory instead of a new model.")] = None,
+    preset: Annotated[str, typer.Option(help="Size preset of a new HF CLIP model (tiny, small, base).")] = "tiny",
+    image_size: Annotated[Optional[int], typer.Option(help="Input resolution of a new model (default: the preset's).")] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the captions of a new model.")] = 1024,
+    data_format: Annotated[str, typer.Option("--format", help="Dataset format, or auto.")] = "auto",
+    train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Split evaluated after every epoch ('' to skip).")] = "val",
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay of weight matrices.")] = 0.1,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = 50,
+    grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 disables clipping).")] = 1.0,
+    precision: Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed, ...")] = "32-true",
+    accelerator: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    devices: Annotated[int, typer.Option(help="Processes (devices) per node.")] = 1,
+    num_nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
+    strategy: Annotated[str, typer.Option(help="Fabric strategy (auto, ddp, ...).")] = "auto",
+    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of initialization, data order and captions.")] = 0,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 1,
+    keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 keeps all).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a CLIP model and print where the run was saved."""
+    from cliptrace.train import train
+
+    config = TrainConfig(
+        data=str(data), out=str(out), model=str(model) if model else None, preset=preset, image_size=image_size,
+        vocab_size=vocab_size, data_format=data_format, train_split=train_split, eval_split=eval_split or None,
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        grad_clip=grad_clip or None, precision=precision, accelerator=accelerator, devices=devices,
+        num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, progress=progress,
+    )
+    result = train(config, resume=resume)
+    _print_result(result)
+
+
+def _print_result(result) -> None:
+    from cliptrace.evaluate import format_metrics_table
+
+    if result.metrics:
+        console.print(format_metrics_table(result.metrics))
+    console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")
+    console.print(f"final model: {result.model_dir}  ({len(result.checkpoints)} checkpoints)")
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Directory for the dataset and the run (replaced if it holds an earlier demo).")] = Path("runs/demo"),
+    n_images: Annotated[int, typer.Option(help="Images in the shapes world.")] = 3000,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seed of the dataset and the training run.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Generate the shapes world, train a tiny CLIP on it, evaluate it on the held-out test split."""
+    from cliptrace.data.images import ImageLoader
+    from cliptrace.data.readers import load_records, select_split
+    from cliptrace.data.shapes import generate_shapes_world
+    from cliptrace.evaluate import evaluate, format_metrics_table
+    from cliptrace.models import load_model
+    from cliptrace.train import train
+
+    if out.exists():
+        if not (out / DEMO_MARKER).is_file():
+            raise typer.BadParameter(f"{out} exists and is not an earlier demo; choose another --out", param_hint="--out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / DEMO_MARKER).write_text(json.dumps({"n_images": n_images, "epochs": epochs, "seed": seed}) + "\n")
+
+    console.print(f"[bold]1/3[/bold] generating the shapes world ({n_images} images) in {out / 'data'}")
+    dataset = generate_shapes_world(out / "data", n_images=n_images, seed=seed, format="csv")
+    console.print("[bold]2/3[/bold] training a tiny CLIP")
+    config = TrainConfig(
+        data=str(dataset), out=str(out / "run"), preset="tiny", epochs=epochs, seed=seed, progress=progress
+    )
+    result = train(config)
+    console.print("[bold]3/3[/bold] evaluating on the held-out test split")
+    classnames = json.loads((out / "data" / "shapes_world.json").read_text())["classes"]
+    test_records = select_split(load_records(dataset), "test")
+    metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=classnames)
+    (result.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    console.print(format_metrics_table(metrics))
+    console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")
+    console.print(f"test metrics: {result.run_dir / 'test_metrics.json'}")
