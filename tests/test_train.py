@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,18 @@ def test_cli_trains_from_csv_and_webdataset(data_format: str, tmp_path: Path) ->
     assert [path.name for path in list_checkpoints(out)] == ["epoch-0002"]  # pruned to the newest one
     model = load_model(out / "model")
     _assert_same_weights(model.state_dict(), load_model(out / "checkpoints" / "epoch-0002").state_dict())
+
+
+def test_two_process_ddp_training_matches_one_process(small_world: Path, tmp_path: Path) -> None:
+    """Fabric DDP on 2 CPU processes (gloo) with the gathered loss follows the same trajectory as one process."""
+    args = ["--image-size", "32", "--vocab-size", "300", "--epochs", "2", "--batch-size", "16", "--warmup-steps", "2",
+            "--seed", "7", "--eval-split", "", "--no-progress", "--accelerator", "cpu"]
+    command = [str(Path(sys.executable).with_name("cliptrace")), "train", str(small_world)]
+    two = subprocess.run(command + ["--out", str(tmp_path / "ddp"), "--devices", "2", "--strategy", "ddp", *args],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "Starting with 2 processes" in two.stdout + two.stderr
+    one = train(_config(small_world, tmp_path / "one", eval_split=None, accelerator="cpu"))
+    distributed, single = _state(tmp_path / "ddp" / "model"), _state(one.model_dir)
+    for name in single:
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-5, msg=name)

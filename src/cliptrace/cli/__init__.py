@@ -15,6 +15,16 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 data_app.command("shapes", help="Generate the shapes world, the embedded synthetic dataset.")(shapes)
+
+
+@app.callback()
+def _quiet_libraries() -> None:
+    """Keep the terminal for cliptrace's own progress: no per-file progress bars from transformers."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 app.add_typer(data_app, name="data", help="Generate, validate and preview datasets.")
 app.command("train", help="Train a CLIP model contrastively on an image-caption dataset.")(train_command)
 app.command("eval", help="Evaluate a model: retrieval R@k and zero-shot classification.")(eval_command)

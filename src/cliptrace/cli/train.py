@@ -56,10 +56,8 @@ def train_command(
         keep_checkpoints=keep_checkpoints, progress=progress,
     )
     result = train(config, resume=resume)
-    _print_result(result)
-
-
-def _print_result(result) -> None:
+    if not result.is_main:
+        return
     from cliptrace.evaluate import format_metrics_table
 
     if result.metrics:

@@ -43,6 +43,7 @@ class TrainResult:
         checkpoints: Every checkpoint kept, oldest first.
         metrics: Evaluation of the final model on the eval split (empty when there is none).
         seconds: Wall-clock training time of this invocation.
+        is_main: Whether this process is the global rank 0 (the one that saved and evaluated).
     """
 
     run_dir: Path
@@ -50,6 +51,7 @@ class TrainResult:
     checkpoints: list[Path]
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
+    is_main: bool = True
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
@@ -120,7 +122,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             f"fewer than one batch of {config.batch_size}"
         )
 
-    fabric.seed_everything(config.seed)
+    fabric.seed_everything(config.seed, verbose=False)
     if latest is not None:
         model = load_model(latest)
         state = load_training_state(latest)
@@ -224,9 +226,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         checkpoints=list_checkpoints(run_dir),
         metrics=metrics,
         seconds=time.perf_counter() - started,
+        is_main=fabric.global_rank == 0,
     )
 
 
-def _scalars(metrics: dict) -> dict[str, float]:
+def _scalars(metrics: dict) -> dict[str, int | float]:
     """The top-level numeric entries of a metrics dict (per-class breakdowns stay in metrics.json)."""
-    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
+    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}

@@ -16,7 +16,7 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return features
-    return collectives.all_gather_tensor_autograd(features, gather_dim=0, group=dist.group.WORLD)
+    return collectives.all_gather_single_autograd(features, gather_dim=0, group=dist.group.WORLD)
 
 
 def contrastive_loss(
