@@ -40,12 +40,7 @@ def train_tokenizer(
         ValueError: ``captions`` is empty or holds a non-string, ``vocab_size`` is below 259, or
             ``context_length`` is below 3.
     """
-    texts = list(captions)
-    if not texts:
-        raise ValueError("captions is empty: a tokenizer needs at least one caption to train on")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"captions[{index}] is {type(text).__name__}, not str")
+    texts = _string_list(captions, "captions", "a tokenizer needs at least one caption to train on")
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {MIN_VOCAB_SIZE} "
@@ -96,12 +91,7 @@ def tokenize(
     """
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, not one string")
-    texts = list(texts)
-    if not texts:
-        raise ValueError("texts is empty")
-    for index, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(f"texts[{index}] is {type(text).__name__}, not str")
+    texts = _string_list(texts, "texts")
     encoded = tokenizer(
         texts,
         padding="max_length",
@@ -111,3 +101,14 @@ def tokenize(
         return_tensors="pt",
     )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _string_list(items: Iterable[str], name: str, why: str = "") -> list[str]:
+    """``items`` as a non-empty list of strings; the error names the argument and the offending index."""
+    texts = list(items)
+    if not texts:
+        raise ValueError(f"{name} is empty" + (f": {why}" if why else ""))
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}[{index}] is {type(text).__name__}, not str")
+    return texts
