@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 import subprocess
@@ -174,3 +175,31 @@ def test_two_process_ddp_training_matches_one_process(small_world: Path, tmp_pat
     distributed, single = _state(tmp_path / "ddp" / "model"), _state(one.model_dir)
     for name in single:
         torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_train_cli_reports_bad_input_without_traceback(small_world: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.csv"
+    result = CliRunner().invoke(app, ["train", str(missing), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert result.exit_code == 1 and "error:" in result.output and str(missing) in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+    train(_config(small_world, tmp_path / "run", epochs=1))
+    again = CliRunner().invoke(
+        app, ["train", str(small_world), "--out", str(tmp_path / "run"), "--image-size", "32", "--no-progress"]
+    )
+    assert again.exit_code == 1 and "resume" in again.output
+
+
+def test_demo_runs_end_to_end_and_replaces_only_an_earlier_demo(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n-images", "200", "--epochs", "1", "--no-progress"]
+    for _ in range(2):  # the second run replaces the first
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "run" / "test_metrics.json").read_text())
+    assert metrics["n_images"] == 20  # 10 % of 200 images are held out for test
+    assert {"i2t_R@1", "t2i_R@1", "zeroshot_top1"} <= set(metrics)
+    assert str(out / "run") in result.output.replace("\n", "")
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    refused = CliRunner().invoke(app, ["demo", "--out", str(stranger), "--n-images", "200", "--epochs", "1"])
+    assert refused.exit_code != 0 and stranger.is_dir()

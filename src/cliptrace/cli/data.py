@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cliptrace.cli.errors import reported_errors
 from cliptrace.data.check import CheckReport, check_dataset
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.preview import contact_sheet
@@ -85,12 +86,9 @@ def preview_command(
 ) -> None:
     """Write a contact sheet: a grid of randomly chosen images with their captions."""
     console = Console()
-    try:
+    with reported_errors():
         records = select_split(load_records(path, data_format), split)
         if not records:
             raise DatasetError(str(path), None, f"no records in split {split!r}" if split else "no records")
         written = contact_sheet(records, ImageLoader(), out, n=n, columns=columns, seed=seed)
-    except DatasetError as error:
-        console.print(Text(f"error: {error}", style="red"))
-        raise typer.Exit(code=1) from None
     console.print(Text(f"wrote {written} ({min(n, len(records))} of {len(records)} records)"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from cliptrace.cli.errors import reported_errors
 from cliptrace.data.record import Record
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def eval_command(
     from cliptrace.data.images import ImageLoader
     from cliptrace.evaluate import IMAGENET_TEMPLATES, evaluate, format_metrics_table, load_classnames, load_templates
 
-    try:
+    with reported_errors():
         records = _records(data, data_format, split or None)
         classnames = None
         if classes is not None:
@@ -57,8 +58,6 @@ def eval_command(
             encoder, records, ImageLoader(), classnames=classnames, templates=prompts, batch_size=batch_size,
             device=device, progress=progress,
         )
-    except (ValueError, OSError) as error:
-        _fail(error)
     title = Text(f"{model} on {data}" + (f", split {split!r}" if split else ""))
     console.print(format_metrics_table(metrics, title=title))
     if out is not None:
@@ -92,7 +91,7 @@ def retrieve_command(
     if (text is None) == (image is None):
         raise typer.BadParameter("give exactly one of --text and --image", param_hint="--text / --image")
     loader = ImageLoader()
-    try:
+    with reported_errors():
         records = _records(data, data_format, split)
         encoder = _model(model, device)
         options = dict(k=k, true_id=true_id, batch_size=batch_size, device=device, progress=progress)
@@ -102,8 +101,6 @@ def retrieve_command(
         else:
             result = image_query(encoder, loader.load(str(image)), records, **options)
             plot_image_query(result, out)
-    except (ValueError, OSError) as error:
-        _fail(error)
     console.print(_matches_table(result, f"query: {text}" if text is not None else f"query image: {image}"))
     if result.true_match is not None:
         true = result.true_match
@@ -157,7 +154,3 @@ def _shapes_world_classes(data: Path) -> list[str] | None:
         raise ValueError(f"{meta}: expected a JSON object with a 'classes' list ({error})") from None
 
 
-def _fail(error: Exception) -> NoReturn:
-    """Print ``error`` without a traceback and exit with status 1."""
-    typer.echo(f"error: {error}", err=True)
-    raise typer.Exit(1)

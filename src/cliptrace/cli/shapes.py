@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cliptrace.cli.errors import reported_errors
+
 console = Console()
 
 
@@ -28,15 +30,12 @@ def shapes(
     """Generate the shapes world and print where it was written and how many images each split holds."""
     from cliptrace.data.shapes import METADATA, generate_shapes_world
 
-    try:
+    with reported_errors():
         data = generate_shapes_world(
             out, n_images=n_images, image_size=image_size, seed=seed, format=format, val_fraction=val_fraction,
             test_fraction=test_fraction, max_objects=max_objects, n_duplicates=duplicates, n_mislabeled=mislabeled,
             shard_size=shard_size,
         )
-    except (ValueError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
     counts = json.loads((out / METADATA).read_text(encoding="utf-8"))["counts"]
     console.print(f"shapes world written to [bold]{out}[/bold]; read it from {data}")
     console.print(", ".join(f"{split}: {count}" for split, count in counts.items())

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from cliptrace.cli.errors import reported_errors
 from cliptrace.train.config import TrainConfig
 
 console = Console()
@@ -47,15 +48,16 @@ def train_command(
     """Train a CLIP model and print where the run was saved."""
     from cliptrace.train import train
 
-    config = TrainConfig(
-        data=str(data), out=str(out), model=str(model) if model else None, preset=preset, image_size=image_size,
-        vocab_size=vocab_size, data_format=data_format, train_split=train_split, eval_split=eval_split or None,
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-        grad_clip=grad_clip or None, precision=precision, accelerator=accelerator, devices=devices,
-        num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed, save_every=save_every,
-        keep_checkpoints=keep_checkpoints, progress=progress,
-    )
-    result = train(config, resume=resume)
+    with reported_errors():
+        config = TrainConfig(
+            data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
+            image_size=image_size, vocab_size=vocab_size, data_format=data_format, train_split=train_split,
+            eval_split=eval_split or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,
+            devices=devices, num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed,
+            save_every=save_every, keep_checkpoints=keep_checkpoints, progress=progress,
+        )
+        result = train(config, resume=resume)
     if not result.is_main:
         return
     from cliptrace.evaluate import format_metrics_table
@@ -88,17 +90,18 @@ def demo_command(
     out.mkdir(parents=True)
     (out / DEMO_MARKER).write_text(json.dumps({"n_images": n_images, "epochs": epochs, "seed": seed}) + "\n")
 
-    console.print(f"[bold]1/3[/bold] generating the shapes world ({n_images} images) in {out / 'data'}")
-    dataset = generate_shapes_world(out / "data", n_images=n_images, seed=seed, format="csv")
-    console.print("[bold]2/3[/bold] training a tiny CLIP")
-    config = TrainConfig(
-        data=str(dataset), out=str(out / "run"), preset="tiny", epochs=epochs, seed=seed, progress=progress
-    )
-    result = train(config)
-    console.print("[bold]3/3[/bold] evaluating on the held-out test split")
-    classnames = json.loads((out / "data" / "shapes_world.json").read_text())["classes"]
-    test_records = select_split(load_records(dataset), "test")
-    metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=classnames)
+    with reported_errors():
+        console.print(f"[bold]1/3[/bold] generating the shapes world ({n_images} images) in {out / 'data'}")
+        dataset = generate_shapes_world(out / "data", n_images=n_images, seed=seed, format="csv")
+        console.print("[bold]2/3[/bold] training a tiny CLIP")
+        config = TrainConfig(
+            data=str(dataset), out=str(out / "run"), preset="tiny", epochs=epochs, seed=seed, progress=progress
+        )
+        result = train(config)
+        console.print("[bold]3/3[/bold] evaluating on the held-out test split")
+        classnames = json.loads((out / "data" / "shapes_world.json").read_text())["classes"]
+        test_records = select_split(load_records(dataset), "test")
+        metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=classnames)
     (result.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     console.print(format_metrics_table(metrics))
     console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")

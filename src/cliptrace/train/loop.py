@@ -58,7 +58,8 @@ def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | No
     """Create or validate the run directory; return it and the checkpoint to resume from (if any)."""
     run_dir = Path(config.out)
     config_path = run_dir / "config.json"
-    latest = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    checkpoints = list_checkpoints(run_dir)
+    latest = checkpoints[-1] if checkpoints else None
     if config_path.is_file():
         if not resume:
             raise FileExistsError(f"{run_dir}: a run already exists here; pass resume to continue it or choose another --out")
@@ -100,7 +101,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     ``resume=True`` an existing run continues from its newest checkpoint (same settings; ``epochs`` may grow).
     """
     started = time.perf_counter()
-    run_dir, latest = _prepare_run_dir(config, resume)
     fabric = Fabric(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -109,6 +109,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         precision=config.precision,
     )
     fabric.launch()
+    run_dir, latest = _prepare_run_dir(config, resume)
+    fabric.barrier()  # every rank has checked the run directory before rank 0 writes into it
     world = fabric.world_size
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
