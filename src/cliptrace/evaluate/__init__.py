@@ -14,7 +14,12 @@ from cliptrace.evaluate.embed import embed_images, embed_pil_images, embed_texts
 from cliptrace.evaluate.query import Match, QueryResult, image_query, plot_image_query, plot_text_query, text_query
 from cliptrace.evaluate.retrieval import retrieval_metrics
 from cliptrace.evaluate.templates import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, load_classnames, load_templates
-from cliptrace.evaluate.zeroshot import class_embeddings, label_indices, zero_shot_classify, zero_shot_metrics
+from cliptrace.evaluate.zeroshot import (
+    class_embeddings,
+    zero_shot_classify,
+    zero_shot_from_features,
+    zero_shot_metrics,
+)
 from cliptrace.models.base import DualEncoder
 
 if TYPE_CHECKING:
@@ -39,6 +44,7 @@ __all__ = [
     "retrieval_metrics",
     "text_query",
     "zero_shot_classify",
+    "zero_shot_from_features",
     "zero_shot_metrics",
 ]
 
@@ -79,17 +85,10 @@ def evaluate(
         "n_captions": len(captions),
         **retrieval_metrics(images, texts, text_to_image),
     }
-    if classnames is None:
-        present = {record.label for record in records if record.label is not None}
-        classnames = sorted(present) if present else None
-    if classnames is not None:
-        positions, labels = label_indices(records, classnames)
-        if not positions:
-            raise ValueError(f"{len(classnames)} class names were given but no record has a label")
-        classes = class_embeddings(
-            model, classnames, templates, batch_size=batch_size, device=device, progress=progress
+    if classnames is not None or any(record.label is not None for record in records):
+        zero_shot = zero_shot_from_features(
+            model, records, images, classnames, templates, batch_size=batch_size, device=device, progress=progress
         )
-        zero_shot = zero_shot_metrics(images[positions], classes, labels, classnames=classnames)
         metrics.update({f"zeroshot_{name}": value for name, value in zero_shot.items()})
     return metrics
 

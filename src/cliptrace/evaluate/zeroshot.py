@@ -119,15 +119,37 @@ def zero_shot_classify(
 
     ``classnames`` defaults to the sorted distinct labels of the records.
     """
+    labeled = [record for record in records if record.label is not None]
+    if not labeled:
+        raise ValueError("no record has a label to classify")
+    images = embed_images(model, labeled, loader, batch_size=batch_size, device=device, progress=progress)
+    return zero_shot_from_features(
+        model, labeled, images, classnames, templates, batch_size=batch_size, device=device, progress=progress
+    )
+
+
+def zero_shot_from_features(
+    model: DualEncoder,
+    records: Sequence[Record],
+    image_features: torch.Tensor,
+    classnames: Sequence[str] | None = None,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Zero-shot metrics of the labeled ``records`` from their already computed ``image_features`` (row i = record i).
+
+    ``classnames`` defaults to the sorted distinct labels of the records; unlabeled records are left out.
+    """
     if classnames is None:
         classnames = sorted({record.label for record in records if record.label is not None})
     positions, labels = label_indices(records, classnames)
     if not positions:
-        raise ValueError("no record has a label to classify")
-    labeled = [records[position] for position in positions]
-    images = embed_images(model, labeled, loader, batch_size=batch_size, device=device, progress=progress)
-    classes = class_embeddings(model, classnames, templates, device=device, progress=progress)
-    return zero_shot_metrics(images, classes, labels, classnames=classnames)
+        raise ValueError(f"{len(classnames)} class names were given but no record has a label")
+    classes = class_embeddings(model, classnames, templates, batch_size=batch_size, device=device, progress=progress)
+    return zero_shot_metrics(image_features[positions], classes, labels, classnames=classnames)
 
 
 def _validate(
