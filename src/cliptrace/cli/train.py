@@ -78,7 +78,7 @@ def demo_command(
     """Generate the shapes world, train a tiny CLIP on it, evaluate it on the held-out test split."""
     from cliptrace.data.images import ImageLoader
     from cliptrace.data.readers import load_records, select_split
-    from cliptrace.data.shapes import generate_shapes_world
+    from cliptrace.data.shapes import class_names, generate_shapes_world
     from cliptrace.evaluate import evaluate, format_metrics_table
     from cliptrace.models import load_model
     from cliptrace.train import train
@@ -99,9 +99,8 @@ def demo_command(
         )
         result = train(config)
         console.print("[bold]3/3[/bold] evaluating on the held-out test split")
-        classnames = json.loads((out / "data" / "shapes_world.json").read_text())["classes"]
         test_records = select_split(load_records(dataset), "test")
-        metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=classnames)
+        metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=class_names())
     (result.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     console.print(format_metrics_table(metrics))
     console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")

@@ -15,6 +15,7 @@ class MetricsLog:
 
     def __init__(self, directory: Path, tensorboard: bool = True) -> None:
         self.directory = directory
+        self._fieldnames: dict[str, list[str]] = {}  # each stream's CSV header, read or written once
         self._writer = None
         if tensorboard and importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -24,11 +25,14 @@ class MetricsLog:
     def write(self, stream: str, row: dict[str, float | int | str]) -> None:
         """Append ``row`` to ``stream``.csv; numeric values also go to TensorBoard under ``stream/key``."""
         path = self.directory / f"{stream}.csv"
-        if path.is_file() and path.stat().st_size > 0:
-            with path.open(newline="", encoding="utf-8") as file:
-                fieldnames = next(csv.reader(file))
-        else:
-            fieldnames = list(row)
+        fieldnames = self._fieldnames.get(stream)
+        if fieldnames is None:
+            if path.is_file() and path.stat().st_size > 0:
+                with path.open(newline="", encoding="utf-8") as file:
+                    fieldnames = next(csv.reader(file))
+            else:
+                fieldnames = list(row)
+            self._fieldnames[stream] = fieldnames
         with path.open("a", newline="", encoding="utf-8") as file:
             writer = csv.DictWriter(file, fieldnames=fieldnames, extrasaction="ignore")
             if file.tell() == 0:
