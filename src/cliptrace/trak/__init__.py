@@ -1,0 +1,32 @@
+"""TRAK data attribution for CLIP-style models: which training pairs made the model believe x matches y?
+
+Pipeline: a model-output function (:mod:`~cliptrace.trak.outputs`) → per-example gradient features
+(:mod:`~cliptrace.trak.features`, :mod:`~cliptrace.trak.projection`) → an on-disk store
+(:mod:`~cliptrace.trak.store`) → kernel scores over a checkpoint ensemble (:mod:`~cliptrace.trak.scoring`).
+Entry points: the ``traker``-compatible :class:`TRAKer` and the one-call :func:`attribute`.
+"""
+
+from cliptrace.trak.features import ExactFeaturizer, Featurizer
+from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
+from cliptrace.trak.projection import DenseProjector, IdentityProjector, Projector
+from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.store import FeatureStore, StoreMismatchError
+from cliptrace.trak.traker import TRAKer
+
+__all__ = [
+    "ClipMargin",
+    "DenseProjector",
+    "EmbeddingBank",
+    "EnsembleScorer",
+    "ExactFeaturizer",
+    "FeatureStore",
+    "Featurizer",
+    "IdentityProjector",
+    "ImageClassificationMargin",
+    "ModelOutput",
+    "Projector",
+    "StoreMismatchError",
+    "TRAKer",
+    "TopK",
+    "kernel_weights",
+]

@@ -1,0 +1,265 @@
+"""Model-output functions f(θ; z): the scalar whose per-example gradient TRAK projects, and its loss weight Q.
+
+A model-output function is a small object with two methods:
+
+* :meth:`ModelOutput.output` — f for *one* example (no batch dimension), differentiable in the parameters;
+* :meth:`ModelOutput.loss_weight` — Q = −∂loss/∂f for a batch, detached (TRAK's "out-to-loss" term).
+
+To add your own, subclass :class:`ModelOutput`. Every example carries ``index``: its position in the training
+set, or −1 for an example that is not a training example (a target).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+import torch.nn.functional as F
+
+from cliptrace.trak.batches import map_batch, take_rows
+from cliptrace.trak.clip_call import Texts, clip_embed
+
+Params = Mapping[str, torch.Tensor]
+
+
+class ModelOutput(abc.ABC):
+    """A TRAK model-output function. Batches are tuples (or pytrees) of tensors with a leading batch dim."""
+
+    name: str = "custom"
+
+    @abc.abstractmethod
+    def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
+        """f for one example (inputs without batch dimension); a scalar tensor."""
+
+    @abc.abstractmethod
+    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        """Q = −∂loss/∂f for every example of ``batch``, shape (B,), without gradient."""
+
+    def prepare(self, module: nn.Module) -> None:
+        """Hook run after a checkpoint is loaded into ``module`` (e.g. to recompute a negative bank)."""
+
+    def settings(self) -> dict[str, Any]:
+        """The options that define this function; they are recorded with stored features."""
+        return {"name": self.name}
+
+
+# --- CLIP ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbeddingBank:
+    """A fixed set of negatives: embeddings of training pairs under one checkpoint.
+
+    Attributes:
+        image_embeddings: (N, D) normalized image embeddings.
+        text_embeddings: (N, D) normalized text embeddings.
+        indices: (N,) training-set index of each entry; an example never meets itself in the bank.
+    """
+
+    image_embeddings: torch.Tensor
+    text_embeddings: torch.Tensor
+    indices: torch.Tensor
+
+    def to(self, device: torch.device | str) -> EmbeddingBank:
+        """The bank on ``device``."""
+        return EmbeddingBank(self.image_embeddings.to(device), self.text_embeddings.to(device), self.indices.to(device))
+
+
+def sample_bank_indices(train_size: int, bank_size: int, seed: int) -> torch.Tensor:
+    """``min(bank_size, train_size)`` distinct training indices drawn uniformly with a seeded generator, sorted."""
+    if train_size < 1 or bank_size < 1:
+        raise ValueError(f"cannot draw a bank of {bank_size} from {train_size} training examples")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(train_size, generator=generator)[: min(bank_size, train_size)].sort().values
+
+
+@torch.no_grad()
+def compute_bank(
+    module: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, Texts, torch.Tensor]],
+) -> EmbeddingBank:
+    """Embed ``(images, texts, training indices)`` batches into a bank with the module's current weights."""
+    params = dict(module.named_parameters())
+    images, texts, indices = [], [], []
+    for pixel_values, tokens, index in batches:
+        image_embeddings, text_embeddings, _ = clip_embed(module, params, pixel_values, tokens)
+        images.append(image_embeddings.float())
+        texts.append(text_embeddings.float())
+        indices.append(torch.as_tensor(index).reshape(-1).to(image_embeddings.device))
+    if not images:
+        raise ValueError("the negative bank is empty: no training pairs were given")
+    return EmbeddingBank(torch.cat(images), torch.cat(texts), torch.cat(indices).long())
+
+
+class ClipMargin(ModelOutput):
+    r"""The symmetric CLIP margin against a fixed, detached negative bank.
+
+    For a pair i with normalized embeddings φ_i (image) and ψ_i (text), multiplier τ = exp(logit_scale) and the bank
+    B_i = B \ {i} (the bank without the pair itself)::
+
+        m_img(i) = τ φ_i·ψ_i − logsumexp_{j∈B_i} τ φ_i·ψ_j
+        m_txt(i) = τ φ_i·ψ_i − logsumexp_{j∈B_i} τ φ_j·ψ_i
+        f_i      = m_img(i) + m_txt(i)
+
+    The bank is constant (no gradient flows into it), so f_i depends on pair i alone: features do not depend on
+    the batch size or order. The probability of the correct match against the bank in one direction is
+    σ(m) = e^{s_ii} / (e^{s_ii} + Σ_j e^{s_ij}); the loss weight is Q_i = 1 − ½[σ(m_img(i)) + σ(m_txt(i))].
+
+    The bank is drawn uniformly (seeded) from the training set and embedded per checkpoint: call
+    :meth:`set_bank_source` once; :meth:`prepare` re-embeds it whenever a checkpoint is loaded.
+
+    Args:
+        bank_size: Number of training pairs in the bank (all of them if the set is smaller).
+        seed: Seed of the bank draw.
+        temperature: A fixed multiplier τ to use instead of the model's ``exp(logit_scale)``.
+    """
+
+    name = "clip_margin"
+
+    def __init__(self, bank_size: int = 1024, seed: int = 0, temperature: float | None = None) -> None:
+        self.bank_size = bank_size
+        self.seed = seed
+        self.temperature = temperature
+        self.bank: EmbeddingBank | None = None
+        self._bank_source: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]] | None = None
+        self._train_size = 0
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "bank_size": self.bank_size, "seed": self.seed, "temperature": self.temperature}
+
+    def set_bank_source(
+        self,
+        train_size: int,
+        batches_for: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]],
+    ) -> None:
+        """Tell the output where bank pairs come from.
+
+        Args:
+            train_size: Size of the training set.
+            batches_for: Given the sorted training indices of the bank, yields ``(images, texts, indices)`` batches.
+        """
+        self._train_size = train_size
+        self._bank_source = batches_for
+
+    def bank_indices(self) -> torch.Tensor:
+        """The training indices the bank is drawn from (uniform, seeded)."""
+        return sample_bank_indices(self._train_size, self.bank_size, self.seed)
+
+    def prepare(self, module: nn.Module) -> None:
+        """Embed the bank with the weights now in ``module``."""
+        if self._bank_source is not None:
+            self.bank = compute_bank(module, self._bank_source(self.bank_indices()))
+
+    def get_embeddings(
+        self,
+        model: nn.Module,
+        loader: Iterable,
+        batch_size: int = 1,
+        embedding_dim: int | None = None,
+        size: int = 50_000,
+        preprocess_fn_img: Callable[[Any], torch.Tensor] | None = None,
+        preprocess_fn_txt: Callable[[Any], Texts] | None = None,
+    ) -> None:
+        """The ``traker`` entry point: draw a ``size``-pair bank from ``loader`` and embed it with ``model``.
+
+        ``loader`` yields ``(images, texts)`` in training-set order (the order ``featurize`` sees); ``batch_size``
+        and ``embedding_dim`` are accepted for compatibility and read off the data instead. The bank is
+        re-embedded under every checkpoint the TRAKer loads.
+        """
+        del batch_size, embedding_dim
+        items = [(preprocess_fn_img(x) if preprocess_fn_img else x, preprocess_fn_txt(y) if preprocess_fn_txt else y)
+                 for x, y in loader]
+        offsets = [0]
+        for images, _ in items:
+            offsets.append(offsets[-1] + images.shape[0])
+        self.bank_size = size
+
+        def batches_for(indices: torch.Tensor) -> Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]:
+            wanted = set(indices.tolist())
+            for (images, texts), start in zip(items, offsets):
+                rows = [r for r in range(images.shape[0]) if start + r in wanted]
+                if rows:
+                    yield images[rows], take_rows(texts, rows), torch.tensor(rows) + start
+
+        self.set_bank_source(offsets[-1], batches_for)
+        self.prepare(model)
+
+    def _margins(
+        self, module: nn.Module, params: Params, images: torch.Tensor, texts: Texts, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is None:
+            raise RuntimeError("ClipMargin has no negative bank: call get_embeddings()/set_bank_source() first")
+        image_embeddings, text_embeddings, scale = clip_embed(module, params, images, texts)
+        tau = scale if self.temperature is None else torch.as_tensor(self.temperature, dtype=image_embeddings.dtype)
+        bank = self.bank.to(image_embeddings.device)
+        bank_images = bank.image_embeddings.to(image_embeddings.dtype)
+        bank_texts = bank.text_embeddings.to(image_embeddings.dtype)
+        excluded = indices.reshape(-1, 1) == bank.indices.reshape(1, -1)
+        positive = tau * (image_embeddings * text_embeddings).sum(-1)
+        to_texts = (tau * image_embeddings @ bank_texts.T).masked_fill(excluded, float("-inf"))
+        to_images = (tau * text_embeddings @ bank_images.T).masked_fill(excluded, float("-inf"))
+        return positive - torch.logsumexp(to_texts, -1), positive - torch.logsumexp(to_images, -1)
+
+    def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
+        images, texts = example
+        batched = map_batch(lambda t: t[None], texts)
+        image_margin, text_margin = self._margins(module, params, images[None], batched, index.reshape(1))
+        return (image_margin + text_margin).sum()
+
+    @torch.no_grad()
+    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        images, texts = batch
+        image_margin, text_margin = self._margins(module, dict(module.named_parameters()), images, texts, indices)
+        return 1 - (torch.sigmoid(image_margin) + torch.sigmoid(text_margin)) / 2
+
+
+# --- classification -----------------------------------------------------------------------------------------
+
+
+class ImageClassificationMargin(ModelOutput):
+    r"""The multiclass margin of an image classifier (a fine-tuned model or a zero-shot head).
+
+    With logits z = model(x) and label y::
+
+        f = z_y − logsumexp_{c≠y} z_c          Q = 1 − softmax(z / T)_y
+
+    Batches are ``(images, labels)``; the module maps images (B, ...) to logits (B, C).
+
+    Args:
+        temperature: T in Q's softmax.
+    """
+
+    name = "image_classification_margin"
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        self.temperature = temperature
+
+    def settings(self) -> dict[str, Any]:
+        return {"name": self.name, "temperature": self.temperature}
+
+    def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
+        images, label = example
+        logits = functional_call(module, dict(params), (images[None],), strict=False)[0]
+        others = logits.masked_fill(F.one_hot(label, logits.shape[-1]).bool(), float("-inf"))
+        return logits[label] - torch.logsumexp(others, -1)
+
+    @torch.no_grad()
+    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        images, labels = batch
+        probabilities = torch.softmax(module(images) / self.temperature, -1)
+        return 1 - probabilities.gather(1, labels.reshape(-1, 1)).squeeze(1)
+
+
+def output_for_task(task: str | ModelOutput) -> ModelOutput:
+    """A model-output function from a ``traker`` task name (``"clip"``, ``"image_classification"``) or an instance."""
+    if isinstance(task, ModelOutput):
+        return task
+    known = {"clip": ClipMargin, "image_classification": ImageClassificationMargin}
+    if task not in known:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(known)} or a ModelOutput instance")
+    return known[task]()
