@@ -8,6 +8,7 @@ from cliptrace.cli.data import data_app
 from cliptrace.cli.evaluate import eval_command, retrieve_command
 from cliptrace.cli.shapes import shapes
 from cliptrace.cli.train import demo_command, train_command
+from cliptrace.cli.trak import trak_app
 
 app = typer.Typer(
     help="Train, evaluate and explain CLIP-style image-text models.",
@@ -31,4 +32,5 @@ app.command("eval", help="Evaluate a model: retrieval R@k and zero-shot classifi
 app.command("retrieve", help="Query a model by eye: top-k images for a caption, or captions for an image.")(
     retrieve_command
 )
+app.add_typer(trak_app, name="trak", help="Data attribution with TRAK: which training pairs drive a judgment.")
 app.command("demo", help="Generate the shapes world, train a tiny CLIP on it and evaluate it.")(demo_command)

@@ -70,5 +70,6 @@ def per_example_gradients(
     def f(p: dict[str, torch.Tensor], example: Any, index: torch.Tensor) -> torch.Tensor:
         return output.output(module, p, example, index)
 
-    grads = vmap(grad(f), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, batch, indices)
+    with torch.no_grad():  # torch.func.grad still differentiates; nothing outside it is recorded
+        grads = vmap(grad(f), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, batch, indices)
     return torch.cat([grads[name].reshape(indices.shape[0], -1) for name in names], dim=1)

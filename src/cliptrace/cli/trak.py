@@ -1,0 +1,127 @@
+"""``cliptrace trak featurize|score|topk``: TRAK data attribution on a training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cliptrace.cli.errors import reported_errors
+
+console = Console()
+trak_app = typer.Typer(no_args_is_help=True)
+
+Run = Annotated[Path, typer.Argument(help="Training run directory (from cliptrace train), or a model directory.")]
+Data = Annotated[Path, typer.Argument(help="The training dataset (any supported format).")]
+TrainSplit = Annotated[str, typer.Option(help="Split of DATA that was trained on ('' for all records).")]
+Store = Annotated[Optional[Path], typer.Option(help="Feature store directory (default: RUN/trak/store).")]
+Checkpoints = Annotated[Optional[int], typer.Option(help="Ensemble the last K checkpoints (default: all).")]
+ProjDim = Annotated[int, typer.Option(help="Projection dimension k (0: no projection, raw gradients).")]
+Projection = Annotated[str, typer.Option(help="rademacher or gaussian.")]
+Seed = Annotated[int, typer.Option(help="Seed of the projection and of the negative-bank draw.")]
+BankSize = Annotated[int, typer.Option(help="Training pairs in the CLIP margin's negative bank.")]
+Parameters = Annotated[
+    Optional[list[str]], typer.Option("--parameter", help="Parameter name or glob to differentiate (repeatable).")
+]
+LambdaReg = Annotated[float, typer.Option(help="Ridge term added to XᵀX.")]
+BatchSize = Annotated[int, typer.Option(help="Records featurized at once.")]
+Dtype = Annotated[str, typer.Option(help="float32 or float64 for features and the kernel solve.")]
+Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
+Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+Targets = Annotated[Optional[Path], typer.Option(help="Dataset of the targets (default: DATA).")]
+TargetSplit = Annotated[str, typer.Option(help="Split of the targets ('' for all records).")]
+TargetIds = Annotated[Optional[str], typer.Option(help="Comma-separated record ids: only these targets.")]
+Out = Annotated[Path, typer.Option(help="Directory for scores.npy, topk.csv/json and self_influence.csv.")]
+TopK = Annotated[int, typer.Option(help="Proponents and opponents listed per target.")]
+
+
+def _settings(proj_dim: int, projection: str, seed: int, bank_size: int, parameters: list[str] | None,
+              lambda_reg: float, batch_size: int, dtype: str, device: str):
+    from cliptrace.trak.attribute import AttributionSettings
+
+    return AttributionSettings(proj_dim or None, projection, seed, bank_size, tuple(parameters) if parameters else None,
+                               lambda_reg, batch_size, dtype, device)
+
+
+def _store_dir(run: Path, store: Path | None) -> Path:
+    return store if store is not None else run / "trak" / "store"
+
+
+@trak_app.command("featurize", help="Featurize the training set under each checkpoint (resumable).")
+def featurize_command(
+    run: Run, data: Data, train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None,
+    proj_dim: ProjDim = 2048, projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024,
+    parameters: Parameters = None, lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32",
+    device: Device = "cpu", progress: Progress = True,
+) -> None:
+    from cliptrace.trak.attribute import featurize
+
+    with reported_errors():
+        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+        result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoints,
+                           train_split=train_split or None, settings=settings, progress=progress)
+    console.print(f"features of {result.train_size} training records under {len(result.checkpoint_ids())} "
+                  f"checkpoint(s) in {result.directory}")
+
+
+def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, target_ids: str | None,
+               train_split: str, store: Path | None, checkpoints: int | None, settings, top_k: int,
+               full_scores: bool, out: Path, progress: bool) -> None:
+    from cliptrace.trak.attribute import attribute, read_records
+
+    with reported_errors():
+        target_records = read_records(targets or data, target_split or None)
+        if target_ids:
+            wanted = [item.strip() for item in target_ids.split(",") if item.strip()]
+            by_id = {record.id: record for record in target_records}
+            unknown = [item for item in wanted if item not in by_id]
+            if unknown:
+                raise ValueError(f"target ids not found in {targets or data}"
+                                 f"{f' split {target_split!r}' if target_split else ''}: {', '.join(unknown)}")
+            target_records = [by_id[item] for item in wanted]
+        result = attribute(
+            run, data, target_records, checkpoints=checkpoints, proj_dim=settings.proj_dim,
+            projection=settings.projection, seed=settings.seed, bank_size=settings.bank_size,
+            parameters=settings.parameters, lambda_reg=settings.lambda_reg, batch_size=settings.batch_size,
+            score_dtype=settings.score_dtype, device=settings.device, store_dir=_store_dir(run, store),
+            train_split=train_split or None, top_k=top_k, full_scores=full_scores, progress=progress,
+        )
+        written = result.save(out)
+    table = Table(title=f"Top proponents ({len(result.targets)} targets, first 5 shown)")
+    for column in ("target", "caption", "top proponent", "its caption", "score"):
+        table.add_column(column)
+    for column, target in enumerate(result.targets[:5]):
+        index = int(result.top.proponents[column, 0])
+        table.add_row(target.id, target.captions[0], result.train[index].id, result.train[index].captions[0],
+                      f"{float(result.top.proponent_scores[column, 0]):.4g}")
+    console.print(table)
+    console.print("written: " + ", ".join(str(path) for path in written))
+
+
+@trak_app.command("score", help="Score targets against the training set: scores.npy, top-k tables, self-influence.")
+def score_command(
+    run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test", target_ids: TargetIds = None,
+    train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048,
+    projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None,
+    lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu",
+    top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
+) -> None:
+    settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+    _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
+               True, out, progress)
+
+
+@trak_app.command("topk", help="Top-k proponents/opponents per target and self-influence, without the full matrix.")
+def topk_command(
+    run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test", target_ids: TargetIds = None,
+    train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048,
+    projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None,
+    lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu",
+    top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
+) -> None:
+    settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+    _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
+               False, out, progress)

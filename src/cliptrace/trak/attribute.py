@@ -1,0 +1,385 @@
+"""One call from a training run to attributions: ``attribute(run, train_records, target_records)``.
+
+A training example is a record: an image with one or more captions. Its features are the mean of the features of
+its (image, caption) pairs — the gradient of the expected model output over the caption the training loop samples —
+and its loss weight is the mean of theirs. The negative bank pairs each bank image with its first caption.
+Targets that are themselves training records (same id) are excluded from their own bank and top-k lists.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import track
+
+from cliptrace.data.images import ImageLoader
+from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.record import Record
+from cliptrace.models.base import DualEncoder
+from cliptrace.models.directory import load_model
+from cliptrace.train.checkpoint import list_checkpoints
+from cliptrace.trak.features import ExactFeaturizer, Featurizer
+from cliptrace.trak.outputs import ClipMargin
+from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.store import FeatureStore, write_json_atomic
+
+ModelSource = DualEncoder | str | Path
+
+
+@dataclass(frozen=True)
+class AttributionSettings:
+    """Everything that defines the features and scores (see :func:`attribute` for the meaning of each)."""
+
+    proj_dim: int | None = 2048
+    projection: str = "rademacher"
+    seed: int = 0
+    bank_size: int = 1024
+    parameters: tuple[str, ...] | None = None
+    lambda_reg: float = 0.0
+    batch_size: int = 16
+    score_dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class Attribution:
+    """Scores of targets against training records, their top-k tables and training self-influence.
+
+    Attributes:
+        train: Training records, in score-row order.
+        targets: Target records, in score-column order.
+        top: Top-k proponents/opponents per target (training positions into ``train``).
+        self_influence: (n,) self-influence of each training record.
+        scores: (n, t) score matrix, or None when only top-k was asked for.
+        checkpoints: Ids of the checkpoints in the ensemble.
+    """
+
+    train: list[Record]
+    targets: list[Record]
+    top: TopK
+    self_influence: np.ndarray
+    scores: np.ndarray | None = None
+    checkpoints: list[str] = field(default_factory=list)
+
+    def top_k_rows(self) -> list[dict[str, Any]]:
+        """One row per (target, kind, rank): ids, captions and image paths of the target and the training record."""
+        rows = []
+        for column, target in enumerate(self.targets):
+            for kind, indices, values in (("proponent", self.top.proponents, self.top.proponent_scores),
+                                          ("opponent", self.top.opponents, self.top.opponent_scores)):
+                for rank, (index, score) in enumerate(zip(indices[column].tolist(), values[column].tolist()), 1):
+                    record = self.train[index]
+                    rows.append({
+                        "target_id": target.id, "target_caption": target.captions[0], "target_image": target.image,
+                        "kind": kind, "rank": rank, "train_index": index, "train_id": record.id,
+                        "train_caption": record.captions[0], "train_image": record.image, "score": score,
+                    })
+        return rows
+
+    def self_influence_rows(self) -> list[dict[str, Any]]:
+        """Training records by decreasing self-influence."""
+        order = np.argsort(-self.self_influence, kind="stable")
+        return [{"rank": rank, "train_index": int(i), "train_id": self.train[i].id,
+                 "train_caption": self.train[i].captions[0], "train_image": self.train[i].image,
+                 "self_influence": float(self.self_influence[i])} for rank, i in enumerate(order, 1)]
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``topk.csv``, ``topk.json``, ``self_influence.csv``, ``ids.json`` and (if present) ``scores.npy``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = [_write_csv(directory / "topk.csv", self.top_k_rows()),
+                   _write_csv(directory / "self_influence.csv", self.self_influence_rows())]
+        (directory / "topk.json").write_text(json.dumps(self.top_k_rows(), indent=1, ensure_ascii=False) + "\n")
+        written.append(directory / "topk.json")
+        write_json_atomic(directory / "ids.json", {"train": [r.id for r in self.train],
+                                                   "targets": [r.id for r in self.targets],
+                                                   "checkpoints": self.checkpoints})
+        written.append(directory / "ids.json")
+        if self.scores is not None:
+            np.save(directory / "scores.npy", self.scores)
+            written.append(directory / "scores.npy")
+        return written
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+# --- inputs --------------------------------------------------------------------------------------------------
+
+
+def read_records(data: Sequence[Record] | str | Path, split: str | None) -> list[Record]:
+    """Records from a list or a dataset path (only ``split`` of a path, when given); an error if none."""
+    if isinstance(data, (str, Path)):
+        records = select_split(load_records(data), split)
+        if not records:
+            raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split else ""))
+        return records
+    records = list(data)
+    if not records:
+        raise ValueError("no records given")
+    return records
+
+
+def resolve_checkpoints(source: ModelSource, checkpoints: int | Sequence[str | Path] | None) -> list[tuple[str, Any]]:
+    """``(id, model or model directory)`` for each checkpoint of the ensemble.
+
+    Args:
+        source: A DualEncoder, a model directory, or a training-run directory from ``cliptrace train``.
+        checkpoints: For a run: ``None`` (all of its checkpoints), an int K (its last K), or checkpoint
+            names/paths. Ignored for a single model.
+    """
+    if isinstance(source, DualEncoder):
+        return [("model", source)]
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such model or run directory")
+    available = list_checkpoints(source)
+    if not available:
+        if (source / "model").is_dir():
+            return [("model", source / "model")]
+        return [(source.name, source)]
+    if checkpoints is None:
+        chosen = available
+    elif isinstance(checkpoints, int):
+        if checkpoints < 1:
+            raise ValueError(f"checkpoints must be at least 1, got {checkpoints}")
+        chosen = available[-checkpoints:]
+    else:
+        by_name = {path.name: path for path in available}
+        chosen = []
+        for item in checkpoints:
+            path = Path(item)
+            if path.name not in by_name and not path.is_dir():
+                raise FileNotFoundError(f"checkpoint {item!r} not found in {source / 'checkpoints'} "
+                                        f"(have {', '.join(by_name)})")
+            chosen.append(by_name.get(path.name, path))
+    return [(path.name, path) for path in chosen]
+
+
+def data_fingerprint(records: Sequence[Record]) -> str:
+    """A digest of the records' ids, images and captions (ties a feature store to its training set)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([record.id, record.image, list(record.captions)]).encode())
+    return digest.hexdigest()[:16]
+
+
+# --- featurizing records -------------------------------------------------------------------------------------
+
+
+class RecordBatches:
+    """Preprocessed, tokenized batches of records for one model."""
+
+    def __init__(self, model: DualEncoder, records: Sequence[Record], loader: ImageLoader, batch_size: int) -> None:
+        self.model, self.records, self.loader, self.batch_size = model, list(records), loader, batch_size
+
+    def pairs(self, positions: Sequence[int], first_caption_only: bool = False
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """``(images, tokens, owner)``: one row per (record, caption); ``owner`` is the row's position in ``positions``."""
+        images, captions, owner = [], [], []
+        for slot, position in enumerate(positions):
+            record = self.records[position]
+            pixels = self.model.preprocess(self.loader.load(record.image))
+            for caption in record.captions[:1] if first_caption_only else record.captions:
+                images.append(pixels)
+                captions.append(caption)
+                owner.append(slot)
+        return torch.stack(images), self.model.tokenize(captions), torch.tensor(owner)
+
+    def chunks(self, positions: Sequence[int]) -> Iterator[list[int]]:
+        """``positions`` cut into batches of at most ``batch_size`` records."""
+        positions = list(positions)
+        for start in range(0, len(positions), self.batch_size):
+            yield positions[start : start + self.batch_size]
+
+
+def record_features(
+    featurizer: Featurizer, batches: RecordBatches, positions: Sequence[int], train_index: Sequence[int], device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and loss weights of the records ``positions``: means over each record's captions."""
+    images, tokens, owner = batches.pairs(positions)
+    index = torch.as_tensor([train_index[slot] for slot in owner.tolist()])
+    dtype = next(featurizer.module.parameters()).dtype
+    batch = (images.to(device, dtype), {key: value.to(device) for key, value in tokens.items()})
+    features, weights = featurizer.features(batch, index.to(device))
+    counts = torch.bincount(owner, minlength=len(positions)).to(features)
+    summed = torch.zeros(len(positions), features.shape[1], dtype=features.dtype, device=features.device)
+    summed.index_add_(0, owner.to(features.device), features)
+    mean_weights = torch.zeros(len(positions), dtype=weights.dtype, device=weights.device)
+    mean_weights.index_add_(0, owner.to(weights.device), weights)
+    return (summed / counts[:, None]).cpu(), (mean_weights / counts).cpu()
+
+
+@dataclass
+class _Checkpoint:
+    """One checkpoint, loaded: its model and featurizer."""
+
+    id: str
+    model: DualEncoder
+    featurizer: Featurizer
+
+
+def _load_checkpoint(
+    checkpoint_id: str, source: Any, train: list[Record], loader: ImageLoader, settings: AttributionSettings
+) -> _Checkpoint:
+    model = source if isinstance(source, DualEncoder) else load_model(source)
+    model = model.to(settings.device).eval()
+    dtype = torch.float64 if settings.score_dtype == "float64" else torch.float32
+    if dtype == torch.float64:
+        model = model.double()
+    output = ClipMargin(bank_size=settings.bank_size, seed=settings.seed)
+    batches = RecordBatches(model, train, loader, settings.batch_size)
+
+    def bank_batches(indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
+        for chunk in batches.chunks(indices.tolist()):
+            images, tokens, owner = batches.pairs(chunk, first_caption_only=True)
+            yield (images.to(settings.device, dtype), {k: v.to(settings.device) for k, v in tokens.items()},
+                   torch.as_tensor(chunk)[owner])
+
+    output.set_bank_source(len(train), bank_batches)
+    featurizer = ExactFeaturizer(model, output, proj_dim=settings.proj_dim, projection=settings.projection,
+                                 seed=settings.seed, parameters=settings.parameters)
+    output.prepare(model)
+    return _Checkpoint(checkpoint_id, model, featurizer)
+
+
+def _store(directory: Path, train: list[Record], featurizer: Featurizer, settings: AttributionSettings) -> FeatureStore:
+    store_settings = {**featurizer.settings(), "train_data": data_fingerprint(train),
+                      "lambda_reg": settings.lambda_reg}
+    return FeatureStore(directory, len(train), featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
+
+
+def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: list[Record], loader: ImageLoader,
+                          settings: AttributionSettings, progress: bool) -> None:
+    store.add_checkpoint(checkpoint.id, checkpoint.featurizer.fingerprint())
+    batches = RecordBatches(checkpoint.model, train, loader, settings.batch_size)
+    missing = store.missing(checkpoint.id).tolist()
+    chunks = list(batches.chunks(missing))
+    for chunk in track(chunks, description=f"Featurizing {checkpoint.id}", disable=not progress or not chunks):
+        features, weights = record_features(checkpoint.featurizer, batches, chunk, chunk, settings.device)
+        store.write(checkpoint.id, np.asarray(chunk), features.numpy(), weights.numpy())
+    if store.kernel_weights(checkpoint.id) is None:
+        features, _ = store.features(checkpoint.id)
+        dtype = torch.float64 if settings.score_dtype == "float64" else torch.float32
+        weights = kernel_weights(torch.from_numpy(np.array(features)).to(settings.device), settings.lambda_reg, dtype)
+        store.save_kernel_weights(checkpoint.id, weights.cpu().numpy())
+
+
+def featurize(
+    model: ModelSource,
+    train: Sequence[Record] | str | Path,
+    *,
+    store_dir: str | Path,
+    checkpoints: int | Sequence[str | Path] | None = None,
+    train_split: str | None = "train",
+    settings: AttributionSettings = AttributionSettings(),
+    progress: bool = False,
+) -> FeatureStore:
+    """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there)."""
+    records = read_records(train, train_split)
+    loader = ImageLoader()
+    store = None
+    for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
+        checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
+        store = store or _store(Path(store_dir), records, checkpoint.featurizer, settings)
+        _featurize_checkpoint(checkpoint, store, records, loader, settings, progress)
+    return store
+
+
+def attribute(
+    model: ModelSource,
+    train: Sequence[Record] | str | Path,
+    targets: Sequence[Record] | str | Path,
+    *,
+    checkpoints: int | Sequence[str | Path] | None = None,
+    proj_dim: int | None = 2048,
+    projection: str = "rademacher",
+    seed: int = 0,
+    bank_size: int = 1024,
+    parameters: Sequence[str] | None = None,
+    lambda_reg: float = 0.0,
+    batch_size: int = 16,
+    score_dtype: str = "float32",
+    device: str = "cpu",
+    store_dir: str | Path | None = None,
+    train_split: str | None = "train",
+    target_split: str | None = "test",
+    top_k: int = 10,
+    full_scores: bool = True,
+    progress: bool = False,
+) -> Attribution:
+    """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
+
+    Args:
+        model: A DualEncoder, a model directory, or a run directory from ``cliptrace train``.
+        train: Training records, or a dataset path (its ``train_split``).
+        targets: Target records, or a dataset path (its ``target_split``).
+        checkpoints: For a run: None (all checkpoints), K (the last K) or checkpoint names/paths.
+        proj_dim: Feature dimension (None: raw gradients, no projection).
+        projection: ``"rademacher"`` or ``"gaussian"``.
+        seed: Seed of the projection and of the negative-bank draw.
+        bank_size: Training pairs in the CLIP margin's negative bank.
+        parameters: Parameter names/globs to differentiate (default: all trainable).
+        lambda_reg: Ridge term λ of the kernel.
+        batch_size: Records featurized at once.
+        score_dtype: ``"float32"`` or ``"float64"`` (float64 also runs the model in float64).
+        device: Torch device.
+        store_dir: Feature store directory (default: ``RUN/trak/store`` for a run, else a temporary one).
+            Features already there are reused; other settings in it are an error.
+        train_split: Split of ``train`` when it is a path.
+        target_split: Split of ``targets`` when it is a path.
+        top_k: Proponents and opponents kept per target.
+        full_scores: Also return the full n × t score matrix.
+        progress: Show progress bars.
+    """
+    settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
+                                   lambda_reg, batch_size, score_dtype, device)
+    train_records = read_records(train, train_split)
+    target_records = read_records(targets, target_split)
+    sources = resolve_checkpoints(model, checkpoints)
+    if store_dir is None:
+        run = None if isinstance(model, DualEncoder) else Path(model)
+        store_dir = run / "trak" / "store" if run is not None and list_checkpoints(run) else tempfile.mkdtemp(
+            prefix="cliptrace-trak-")
+    position = {record.id: i for i, record in enumerate(train_records)}
+    target_index = [position.get(record.id, -1) for record in target_records]
+    loader = ImageLoader()
+    store, weights, loss_weights, train_features, target_features = None, [], [], [], []
+    for checkpoint_id, source in sources:
+        checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
+        store = store or _store(Path(store_dir), train_records, checkpoint.featurizer, settings)
+        _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress)
+        features, q = store.features(checkpoint_id)
+        train_features.append(torch.from_numpy(np.array(features)))
+        loss_weights.append(torch.from_numpy(np.array(q)))
+        weights.append(torch.from_numpy(np.array(store.kernel_weights(checkpoint_id))))
+        batches = RecordBatches(checkpoint.model, target_records, loader, batch_size)
+        chunks = list(batches.chunks(range(len(target_records))))
+        parts = [record_features(checkpoint.featurizer, batches, chunk, [target_index[i] for i in chunk], device)[0]
+                 for chunk in track(chunks, description=f"Targets under {checkpoint_id}", disable=not progress)]
+        target_features.append(torch.cat(parts))
+    scorer = EnsembleScorer(weights, loss_weights)
+    exclude = torch.as_tensor(target_index) if max(target_index) >= 0 else None
+    return Attribution(
+        train=train_records,
+        targets=target_records,
+        top=scorer.top_k(target_features, top_k, exclude=exclude),
+        self_influence=scorer.self_influence(train_features).numpy(),
+        scores=scorer.score(target_features).numpy() if full_scores else None,
+        checkpoints=[checkpoint_id for checkpoint_id, _ in sources],
+    )
