@@ -101,27 +101,27 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
     console.print("written: " + ", ".join(str(path) for path in written))
 
 
-@trak_app.command("score", help="Score targets against the training set: scores.npy, top-k tables, self-influence.")
-def score_command(
-    run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test", target_ids: TargetIds = None,
-    train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048,
-    projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None,
-    lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu",
-    top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
-) -> None:
-    settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
-    _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
-               True, out, progress)
+def _scoring_command(full_scores: bool):
+    """The ``score`` (full matrix too) or ``topk`` (top-k tables and self-influence only) command."""
+
+    def command(
+        run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test",
+        target_ids: TargetIds = None, train_split: TrainSplit = "train", store: Store = None,
+        checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048, projection: Projection = "rademacher",
+        seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None, lambda_reg: LambdaReg = 0.0,
+        batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu", top_k: TopK = 10,
+        out: Out = Path("attribution"), progress: Progress = True,
+    ) -> None:
+        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+        _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
+                   full_scores, out, progress)
+
+    return command
 
 
-@trak_app.command("topk", help="Top-k proponents/opponents per target and self-influence, without the full matrix.")
-def topk_command(
-    run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test", target_ids: TargetIds = None,
-    train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048,
-    projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None,
-    lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu",
-    top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
-) -> None:
-    settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
-    _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
-               False, out, progress)
+trak_app.command("score", help="Score targets against the training set: scores.npy, top-k tables, self-influence.")(
+    _scoring_command(full_scores=True)
+)
+trak_app.command("topk", help="Top-k proponents/opponents per target and self-influence, without the full matrix.")(
+    _scoring_command(full_scores=False)
+)

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-import torch.nn.functional as F
 
 from cliptrace.trak.batches import map_batch, take_rows
 from cliptrace.trak.clip_call import Texts, clip_embed
@@ -88,8 +87,8 @@ def compute_bank(
     images, texts, indices = [], [], []
     for pixel_values, tokens, index in batches:
         image_embeddings, text_embeddings, _ = clip_embed(module, params, pixel_values, tokens)
-        images.append(image_embeddings.float())
-        texts.append(text_embeddings.float())
+        images.append(image_embeddings)
+        texts.append(text_embeddings)
         indices.append(torch.as_tensor(index).reshape(-1).to(image_embeddings.device))
     if not images:
         raise ValueError("the negative bank is empty: no training pairs were given")
@@ -245,8 +244,8 @@ class ImageClassificationMargin(ModelOutput):
     def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
         images, label = example
         logits = functional_call(module, dict(params), (images[None],), strict=False)[0]
-        others = logits.masked_fill(F.one_hot(label, logits.shape[-1]).bool(), float("-inf"))
-        return logits[label] - torch.logsumexp(others, -1)
+        correct = torch.arange(logits.shape[-1], device=logits.device) == label  # a mask: vmap cannot index by value
+        return logits.masked_fill(~correct, 0).sum() - torch.logsumexp(logits.masked_fill(correct, float("-inf")), -1)
 
     @torch.no_grad()
     def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
