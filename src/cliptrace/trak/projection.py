@@ -71,7 +71,7 @@ class DenseProjector(Projector):
         kind: str = "rademacher",
         seed: int = 0,
         block_rows: int = 16384,
-        cache_bytes: int = 1 << 30,
+        cache_bytes: int = 2 << 30,
     ) -> None:
         if kind not in PROJECTION_KINDS:
             raise ValueError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
