@@ -32,3 +32,15 @@ def take_rows(batch: Any, rows: Sequence[int] | torch.Tensor) -> Any:
     """The examples ``rows`` of ``batch``."""
     index = torch.as_tensor(rows, dtype=torch.long)
     return map_batch(lambda t: t[index.to(t.device)], batch)
+
+
+def concat_batches(batches: Sequence[Any]) -> Any:
+    """Concatenate batches of the same structure along the batch dimension."""
+    first = batches[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches))
+    if isinstance(first, Mapping):
+        return {key: concat_batches([batch[key] for batch in batches]) for key in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat_batches(list(parts)) for parts in zip(*batches))
+    raise TypeError(f"batch entries must be tensors, tuples, lists or mappings, got {type(first).__name__}")

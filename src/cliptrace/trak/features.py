@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cliptrace.trak.clip_call import eager_attention
-from cliptrace.trak.gradients import gradient_dim, per_example_gradients, select_parameters
+from cliptrace.trak.gradients import gradient_dim, parameter_fingerprint, per_example_gradients, select_parameters
 from cliptrace.trak.outputs import ModelOutput
 from cliptrace.trak.projection import DenseProjector, IdentityProjector, Projector
 
@@ -102,15 +102,3 @@ def parameter_set_summary(names: Sequence[str]) -> dict[str, Any]:
     """A compact, comparable description of a parameter set: its size and a digest of the names."""
     digest = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return {"count": len(names), "names_sha256": digest}
-
-
-@torch.no_grad()
-def parameter_fingerprint(module: nn.Module, names: Sequence[str]) -> str:
-    """SHA-256 (first 16 hex digits) of the named parameters' bytes, in order."""
-    parameters = dict(module.named_parameters())
-    digest = hashlib.sha256()
-    for name in names:
-        tensor = parameters[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]

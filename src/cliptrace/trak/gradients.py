@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.func import grad, vmap
 
-from cliptrace.trak.outputs import ModelOutput
+if TYPE_CHECKING:
+    from cliptrace.trak.outputs import ModelOutput
 
 
 def select_parameters(module: nn.Module, patterns: Sequence[str] | None = None) -> list[str]:
@@ -73,3 +75,15 @@ def per_example_gradients(
     with torch.no_grad():  # torch.func.grad still differentiates; nothing outside it is recorded
         grads = vmap(grad(f), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, batch, indices)
     return torch.cat([grads[name].reshape(indices.shape[0], -1) for name in names], dim=1)
+
+
+@torch.no_grad()
+def parameter_fingerprint(module: nn.Module, names: Sequence[str]) -> str:
+    """SHA-256 (first 16 hex digits) of the named parameters' bytes, in order."""
+    parameters = dict(module.named_parameters())
+    digest = hashlib.sha256()
+    for name in names:
+        tensor = parameters[name].detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]

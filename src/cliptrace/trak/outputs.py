@@ -20,10 +20,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cliptrace.trak.batches import map_batch, take_rows
+from cliptrace.trak.batches import concat_batches, map_batch, take_rows
 from cliptrace.trak.clip_call import Texts, clip_embed
+from cliptrace.trak.gradients import parameter_fingerprint
 
 Params = Mapping[str, torch.Tensor]
+BANK_BATCH = 64  # bank pairs embedded per forward pass
 
 
 class ModelOutput(abc.ABC):
@@ -126,6 +128,8 @@ class ClipMargin(ModelOutput):
         self.temperature = temperature
         self.bank: EmbeddingBank | None = None
         self._bank_source: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]] | None = None
+        self._bank_indices = torch.empty(0, dtype=torch.long)
+        self._bank_fingerprint: str | None = None
         self._train_size = 0
 
     def settings(self) -> dict[str, Any]:
@@ -135,24 +139,35 @@ class ClipMargin(ModelOutput):
         self,
         train_size: int,
         batches_for: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]],
+        indices: torch.Tensor | None = None,
     ) -> None:
         """Tell the output where bank pairs come from.
 
         Args:
             train_size: Size of the training set.
             batches_for: Given the sorted training indices of the bank, yields ``(images, texts, indices)`` batches.
+            indices: The bank's training indices, if already drawn; by default ``bank_size`` of them are drawn
+                uniformly with a generator seeded by ``seed``.
         """
         self._train_size = train_size
         self._bank_source = batches_for
+        self._bank_indices = sample_bank_indices(train_size, self.bank_size, self.seed) if indices is None else indices
+        self._bank_fingerprint: str | None = None
 
     def bank_indices(self) -> torch.Tensor:
-        """The training indices the bank is drawn from (uniform, seeded)."""
-        return sample_bank_indices(self._train_size, self.bank_size, self.seed)
+        """The training indices of the bank pairs."""
+        if self._bank_source is None:
+            raise RuntimeError("ClipMargin has no bank source: call get_embeddings()/set_bank_source() first")
+        return self._bank_indices
 
     def prepare(self, module: nn.Module) -> None:
-        """Embed the bank with the weights now in ``module``."""
-        if self._bank_source is not None:
-            self.bank = compute_bank(module, self._bank_source(self.bank_indices()))
+        """Embed the bank with the weights now in ``module`` (nothing to do if they are the ones it was embedded with)."""
+        if self._bank_source is None:
+            return
+        fingerprint = parameter_fingerprint(module, [name for name, _ in module.named_parameters()])
+        if fingerprint != self._bank_fingerprint:
+            self.bank = compute_bank(module, self._bank_source(self._bank_indices))
+            self._bank_fingerprint = fingerprint
 
     def get_embeddings(
         self,
@@ -166,26 +181,39 @@ class ClipMargin(ModelOutput):
     ) -> None:
         """The ``traker`` entry point: draw a ``size``-pair bank from ``loader`` and embed it with ``model``.
 
-        ``loader`` yields ``(images, texts)`` in training-set order (the order ``featurize`` sees); ``batch_size``
-        and ``embedding_dim`` are accepted for compatibility and read off the data instead. The bank is
-        re-embedded under every checkpoint the TRAKer loads.
+        ``loader`` yields ``(images, texts)`` in training-set order (the order ``featurize`` sees). The bank is a
+        uniform sample of all its pairs (reservoir sampling with a generator seeded by ``seed``), so only ``size``
+        preprocessed pairs are ever held. ``batch_size`` and ``embedding_dim`` are accepted for compatibility and
+        read off the data instead. The bank is re-embedded under every checkpoint the TRAKer loads.
         """
         del batch_size, embedding_dim
-        items = [(preprocess_fn_img(x) if preprocess_fn_img else x, preprocess_fn_txt(y) if preprocess_fn_txt else y)
-                 for x, y in loader]
-        offsets = [0]
-        for images, _ in items:
-            offsets.append(offsets[-1] + images.shape[0])
+        if size < 1:
+            raise ValueError(f"the bank size must be positive, got {size}")
+        generator = torch.Generator().manual_seed(self.seed)
+        slots: list[tuple[int, torch.Tensor, Texts]] = []
+        seen = 0
+        for x, y in loader:
+            images = preprocess_fn_img(x) if preprocess_fn_img else x
+            texts = preprocess_fn_txt(y) if preprocess_fn_txt else y
+            for row in range(images.shape[0]):
+                pair = (seen, images[row : row + 1], take_rows(texts, [row]))
+                if seen < size:
+                    slots.append(pair)
+                else:
+                    slot = int(torch.randint(seen + 1, (), generator=generator))
+                    if slot < size:
+                        slots[slot] = pair
+                seen += 1
+        slots.sort(key=lambda pair: pair[0])
         self.bank_size = size
 
         def batches_for(indices: torch.Tensor) -> Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]:
-            wanted = set(indices.tolist())
-            for (images, texts), start in zip(items, offsets):
-                rows = [r for r in range(images.shape[0]) if start + r in wanted]
-                if rows:
-                    yield images[rows], take_rows(texts, rows), torch.tensor(rows) + start
+            for start in range(0, len(slots), BANK_BATCH):
+                chunk = slots[start : start + BANK_BATCH]
+                yield (torch.cat([images for _, images, _ in chunk]), concat_batches([texts for _, _, texts in chunk]),
+                       torch.tensor([index for index, _, _ in chunk]))
 
-        self.set_bank_source(offsets[-1], batches_for)
+        self.set_bank_source(seen, batches_for, torch.tensor([index for index, _, _ in slots]))
         self.prepare(model)
 
     def _margins(

@@ -4,7 +4,7 @@ A projector maps (B, D) gradients to (B, k) features. The dense projector's matr
 ±1/√k (Rademacher) or N(0, 1/k) (Gaussian), so E[⟨Pᵀg, Pᵀh⟩] = ⟨g, h⟩. P is cut into row blocks; block c is drawn
 from a CPU generator seeded by ``(seed, c)`` and then moved to the working device, so the same seed gives the
 same matrix on every device and for every batch size. Only ``cache_bytes`` worth of blocks are kept between
-calls; the others are regenerated when needed.
+calls (as float32 when the whole matrix fits, else as int8 signs); the others are regenerated when needed.
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ class DenseProjector(Projector):
                              f"{block_rows}")
         self.input_dim, self.proj_dim, self.kind, self.seed = input_dim, proj_dim, kind, seed
         self.block_rows = block_rows
-        bytes_per_block = block_rows * proj_dim * (1 if kind == "rademacher" else 4)
+        # Cached blocks are float32, ready to multiply, when the whole matrix fits; else compact int8 signs.
+        fits_as_float = input_dim * proj_dim * 4 <= cache_bytes
+        self._cache_dtype = torch.float32 if fits_as_float or kind == "gaussian" else torch.int8
+        bytes_per_block = block_rows * proj_dim * (4 if self._cache_dtype == torch.float32 else 1)
         self._cached_blocks = max(0, cache_bytes // bytes_per_block)
         self._cache: dict[int, torch.Tensor] = {}
 
@@ -89,7 +92,7 @@ class DenseProjector(Projector):
                 "block_rows": self.block_rows}
 
     def block(self, number: int) -> torch.Tensor:
-        """Row block ``number`` of P, unscaled: int8 ±1 entries (Rademacher) or float32 N(0, 1) entries."""
+        """Row block ``number`` of P, unscaled: ±1 entries (Rademacher; int8 or float32) or float32 N(0, 1) entries."""
         if number in self._cache:
             return self._cache[number]
         rows = min(self.block_rows, self.input_dim - number * self.block_rows)
@@ -100,6 +103,7 @@ class DenseProjector(Projector):
         else:
             block = torch.randn(rows, self.proj_dim, generator=generator)
         if len(self._cache) < self._cached_blocks:
+            block = block.to(self._cache_dtype)
             self._cache[number] = block
         return block
 
