@@ -29,7 +29,7 @@ from cliptrace.models.directory import load_model
 from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ClipMargin
-from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint
 from cliptrace.trak.store import FeatureStore, write_json_atomic
 
 ModelSource = DualEncoder | str | Path
@@ -48,6 +48,11 @@ class AttributionSettings:
     batch_size: int = 16
     score_dtype: str = "float32"
     device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``score_dtype`` as a torch dtype."""
+        return torch.float64 if self.score_dtype == "float64" else torch.float32
 
 
 @dataclass
@@ -239,8 +244,7 @@ def _load_checkpoint(
 ) -> _Checkpoint:
     model = source if isinstance(source, DualEncoder) else load_model(source)
     model = model.to(settings.device).eval()
-    dtype = torch.float64 if settings.score_dtype == "float64" else torch.float32
-    if dtype == torch.float64:
+    if settings.torch_dtype == torch.float64:
         model = model.double()
     output = ClipMargin(bank_size=settings.bank_size, seed=settings.seed)
     batches = RecordBatches(model, train, loader, settings.batch_size)
@@ -248,8 +252,8 @@ def _load_checkpoint(
     def bank_batches(indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
         for chunk in batches.chunks(indices.tolist()):
             images, tokens, owner = batches.pairs(chunk, first_caption_only=True)
-            yield (images.to(settings.device, dtype), {k: v.to(settings.device) for k, v in tokens.items()},
-                   torch.as_tensor(chunk)[owner])
+            tokens = {key: value.to(settings.device) for key, value in tokens.items()}
+            yield images.to(settings.device, settings.torch_dtype), tokens, torch.as_tensor(chunk)[owner]
 
     output.set_bank_source(len(train), bank_batches)
     featurizer = ExactFeaturizer(model, output, proj_dim=settings.proj_dim, projection=settings.projection,
@@ -274,10 +278,7 @@ def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: l
         features, weights = record_features(checkpoint.featurizer, batches, chunk, chunk, settings.device)
         store.write(checkpoint.id, np.asarray(chunk), features.numpy(), weights.numpy())
     if store.kernel_weights(checkpoint.id) is None:
-        features, _ = store.features(checkpoint.id)
-        dtype = torch.float64 if settings.score_dtype == "float64" else torch.float32
-        weights = kernel_weights(torch.from_numpy(np.array(features)).to(settings.device), settings.lambda_reg, dtype)
-        store.save_kernel_weights(checkpoint.id, weights.cpu().numpy())
+        solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
 
 
 def featurize(

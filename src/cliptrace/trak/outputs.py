@@ -130,7 +130,6 @@ class ClipMargin(ModelOutput):
         self._bank_source: Callable[[torch.Tensor], Iterable[tuple[torch.Tensor, Texts, torch.Tensor]]] | None = None
         self._bank_indices = torch.empty(0, dtype=torch.long)
         self._bank_fingerprint: str | None = None
-        self._train_size = 0
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, "bank_size": self.bank_size, "seed": self.seed, "temperature": self.temperature}
@@ -149,10 +148,9 @@ class ClipMargin(ModelOutput):
             indices: The bank's training indices, if already drawn; by default ``bank_size`` of them are drawn
                 uniformly with a generator seeded by ``seed``.
         """
-        self._train_size = train_size
         self._bank_source = batches_for
         self._bank_indices = sample_bank_indices(train_size, self.bank_size, self.seed) if indices is None else indices
-        self._bank_fingerprint: str | None = None
+        self._bank_fingerprint = None
 
     def bank_indices(self) -> torch.Tensor:
         """The training indices of the bank pairs."""

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from cliptrace.trak.store import FeatureStore
 
 
 def kernel_weights(features: torch.Tensor, lambda_reg: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -49,6 +54,15 @@ def kernel_weights(features: torch.Tensor, lambda_reg: float = 0.0, dtype: torch
         )
     solved = torch.cholesky_solve(right_hand_side, factor)
     return solved.T if k <= n else solved
+
+
+def solve_checkpoint(
+    store: FeatureStore, checkpoint: str, lambda_reg: float, dtype: torch.dtype, device: str | torch.device
+) -> None:
+    """Solve W (:func:`kernel_weights`) for a fully featurized checkpoint of ``store`` on ``device`` and store it."""
+    features, _ = store.features(checkpoint)
+    weights = kernel_weights(torch.from_numpy(np.array(features)).to(device), lambda_reg, dtype)
+    store.save_kernel_weights(checkpoint, weights.cpu().numpy())
 
 
 @dataclass

@@ -38,7 +38,7 @@ from cliptrace.trak.batches import batch_size, map_batch, take_rows
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
-from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint
 from cliptrace.trak.store import FeatureStore, StoreMismatchError, save_npy_atomic
 
 log = logging.getLogger("cliptrace.trak")
@@ -173,10 +173,7 @@ class TRAKer:
         """Solve the kernel W = X(XᵀX + λI)⁻¹ for each (fully featurized) checkpoint."""
         del del_grads  # features are kept: self-influence reads them
         for checkpoint in self._checkpoint_ids(model_ids):
-            features, _ = self.store.features(checkpoint)
-            weights = kernel_weights(torch.from_numpy(np.array(features)).to(self.device), self.lambda_reg,
-                                     self.score_dtype)
-            self.store.save_kernel_weights(checkpoint, weights.cpu().numpy())
+            solve_checkpoint(self.store, checkpoint, self.lambda_reg, self.score_dtype, self.device)
 
     def _checkpoint_ids(self, model_ids: Iterable[int | str] | None) -> list[str]:
         return self.store.checkpoint_ids() if model_ids is None else [str(m) for m in model_ids]
@@ -254,9 +251,12 @@ class TRAKer:
         missing = [m for m in ids if self.store.kernel_weights(m) is None]
         if missing:
             raise ValueError(f"model ids {missing} are not finalized: call finalize_features() first")
-        weights = [torch.from_numpy(np.array(self.store.kernel_weights(m))) for m in ids]
-        features = [torch.from_numpy(np.array(self.store.features(m)[0])) for m in ids]
-        loss_weights = [torch.from_numpy(np.array(self.store.features(m)[1])) for m in ids]
+        weights, features, loss_weights = [], [], []
+        for checkpoint in ids:
+            x, q = self.store.features(checkpoint)
+            weights.append(torch.from_numpy(np.array(self.store.kernel_weights(checkpoint))))
+            features.append(torch.from_numpy(np.array(x)))
+            loss_weights.append(torch.from_numpy(np.array(q)))
         return EnsembleScorer(weights, loss_weights).self_influence(features).numpy()
 
 
