@@ -3,7 +3,9 @@
 A model-output function is a small object with two methods:
 
 * :meth:`ModelOutput.output` — f for *one* example (no batch dimension), differentiable in the parameters;
-* :meth:`ModelOutput.loss_weight` — Q = −∂loss/∂f for a batch, detached (TRAK's "out-to-loss" term).
+* :meth:`ModelOutput.loss_weight` — Q = −∂loss/∂f for a batch, detached (TRAK's "out-to-loss" term);
+* :meth:`ModelOutput.batch_outputs` (optional) — f and Q for a whole batch in one forward pass with the module's own
+  parameters, as the factored feature path (:mod:`~cliptrace.trak.factored`) needs.
 
 To add your own, subclass :class:`ModelOutput`. Every example carries ``index``: its position in the training
 set, or −1 for an example that is not a training example (a target).
@@ -40,6 +42,16 @@ class ModelOutput(abc.ABC):
     @abc.abstractmethod
     def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         """Q = −∂loss/∂f for every example of ``batch``, shape (B,), without gradient."""
+
+    def batch_outputs(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f (B,), Q (B,))`` for a batch, in one forward pass of ``module`` with its own parameters.
+
+        f stays differentiable through the module's activations (per example: f_b depends on example b alone); Q is
+        detached. Optional: without it only the exact feature path is available.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no batch_outputs(); the factored feature path needs it (use the exact path)"
+        )
 
     def prepare(self, module: nn.Module) -> None:
         """Hook run after a checkpoint is loaded into ``module`` (e.g. to recompute a negative bank)."""
@@ -236,11 +248,15 @@ class ClipMargin(ModelOutput):
         image_margin, text_margin = self._margins(module, params, images[None], batched, index.reshape(1))
         return (image_margin + text_margin).sum()
 
-    @torch.no_grad()
-    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+    def batch_outputs(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = batch
         image_margin, text_margin = self._margins(module, dict(module.named_parameters()), images, texts, indices)
-        return 1 - (torch.sigmoid(image_margin) + torch.sigmoid(text_margin)) / 2
+        weight = 1 - (torch.sigmoid(image_margin) + torch.sigmoid(text_margin)) / 2
+        return image_margin + text_margin, weight.detach()
+
+    @torch.no_grad()
+    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        return self.batch_outputs(module, batch, indices)[1]
 
 
 # --- classification -----------------------------------------------------------------------------------------
@@ -269,15 +285,24 @@ class ImageClassificationMargin(ModelOutput):
 
     def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
         images, label = example
-        logits = functional_call(module, dict(params), (images[None],), strict=False)[0]
-        correct = torch.arange(logits.shape[-1], device=logits.device) == label  # a mask: vmap cannot index by value
-        return logits.masked_fill(~correct, 0).sum() - torch.logsumexp(logits.masked_fill(correct, float("-inf")), -1)
+        logits = functional_call(module, dict(params), (images[None],), strict=False)
+        return classification_margin(logits, label.reshape(1)).sum()
+
+    def batch_outputs(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        logits = module(images)
+        probabilities = torch.softmax(logits.detach() / self.temperature, -1)
+        return classification_margin(logits, labels), 1 - probabilities.gather(1, labels.reshape(-1, 1)).squeeze(1)
 
     @torch.no_grad()
     def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
-        images, labels = batch
-        probabilities = torch.softmax(module(images) / self.temperature, -1)
-        return 1 - probabilities.gather(1, labels.reshape(-1, 1)).squeeze(1)
+        return self.batch_outputs(module, batch, indices)[1]
+
+
+def classification_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y − logsumexp_{c≠y} z_c for logits (B, C) and labels (B,); written with masks so that ``vmap`` can trace it."""
+    correct = torch.arange(logits.shape[-1], device=logits.device) == labels.reshape(-1, 1)
+    return logits.masked_fill(~correct, 0).sum(-1) - torch.logsumexp(logits.masked_fill(correct, float("-inf")), -1)
 
 
 def output_for_task(task: str | ModelOutput) -> ModelOutput:

@@ -126,3 +126,41 @@ class DenseProjector(Projector):
             block = self.block(number).to(gradients.device, gradients.dtype)
             out.addmm_(gradients[:, start : start + block.shape[0]], block)
         return out / math.sqrt(self.proj_dim)
+
+
+class CountSketchProjector(Projector):
+    """A seeded CountSketch: input coordinate i is added, with a random sign s_i, to output coordinate h(i).
+
+    ⟨Sa, Sb⟩ is an unbiased estimate of ⟨a, b⟩, like a dense JL projection, at the cost of one pass over the input
+    (no matrix product): the cheap final stage of the factored feature path, whose inputs are already projected.
+
+    Args:
+        input_dim: D.
+        proj_dim: k.
+        seed: Seed of the buckets and signs.
+    """
+
+    def __init__(self, input_dim: int, proj_dim: int, seed: int = 0) -> None:
+        if input_dim < 1 or proj_dim < 1:
+            raise ValueError(f"input_dim and proj_dim must be positive, got {input_dim}, {proj_dim}")
+        self.input_dim, self.proj_dim, self.seed = input_dim, proj_dim, seed
+        generator = torch.Generator().manual_seed(seed)
+        self.buckets = torch.randint(0, proj_dim, (input_dim,), generator=generator)
+        self.signs = torch.randint(0, 2, (input_dim,), generator=generator, dtype=torch.int8) * 2 - 1
+
+    def settings(self) -> dict[str, Any]:
+        return {"kind": "count_sketch", "input_dim": self.input_dim, "proj_dim": self.proj_dim, "seed": self.seed}
+
+    def matrix(self) -> torch.Tensor:
+        """The D × k matrix S (for tests and small problems)."""
+        dense = torch.zeros(self.input_dim, self.proj_dim)
+        dense[torch.arange(self.input_dim), self.buckets] = self.signs.float()
+        return dense
+
+    def project(self, gradients: torch.Tensor) -> torch.Tensor:
+        if gradients.shape[-1] != self.input_dim:
+            raise ValueError(f"input has dimension {gradients.shape[-1]}, the sketch expects {self.input_dim}")
+        gradients = gradients.to(working_dtype(gradients))
+        signed = gradients * self.signs.to(gradients.device, gradients.dtype)
+        out = torch.zeros(gradients.shape[0], self.proj_dim, device=gradients.device, dtype=gradients.dtype)
+        return out.index_add_(1, self.buckets.to(gradients.device), signed)

@@ -1,0 +1,296 @@
+"""The factored feature path against exact per-example gradients: every layer type, HF CLIP, the frozen-backbone
+dual encoder, the final sketch, the policy for other parameters, and the errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, ViTConfig
+
+from cliptrace.models import FrozenBackboneDualEncoder, HFCLIP, train_tokenizer
+from cliptrace.trak import TRAKer
+from cliptrace.trak.batches import map_batch
+from cliptrace.trak.clip_call import eager_attention
+from cliptrace.trak.factored import FactoredFeaturizer, FactoredLayer, make_featurizer
+from cliptrace.trak.features import ExactFeaturizer
+from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
+from cliptrace.trak.projection import CountSketchProjector
+
+CAPTIONS = ["a red circle", "a small blue square above a green cross", "two yellow triangles", "a purple cross"]
+
+
+class LayerZoo(nn.Module):
+    """Every supported layer type: general and patch convolutions, embeddings with padding_idx and broadcast
+    position ids, a LayerNorm, linear layers with and without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 6, kernel_size=3, stride=2, padding=1)
+        self.patch = nn.Conv2d(3, 5, kernel_size=4, stride=4, bias=False)
+        self.tokens = nn.Embedding(11, 6, padding_idx=0)
+        self.positions = nn.Embedding(16, 6)
+        self.norm = nn.LayerNorm(6)
+        self.hidden = nn.Linear(6, 7)
+        self.head = nn.Linear(12, 3, bias=False)
+        self.register_buffer("position_ids", torch.arange(16)[None])
+        with torch.no_grad():  # non-trivial LayerNorm parameters
+            self.norm.weight.uniform_(0.5, 1.5)
+            self.norm.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.conv(images).flatten(2).transpose(1, 2)  # (B, 16, 6)
+        ids = (images[:, 0].flatten(1)[:, :16] > 0).long() * torch.arange(16) % 11  # zeros are padding
+        hidden = grid + self.tokens(ids) + self.positions(self.position_ids)
+        pooled = torch.tanh(self.hidden(self.norm(hidden))).mean(1)
+        patches = self.patch(images).mean((2, 3))
+        return self.head(torch.cat([pooled, patches], 1))
+
+
+def zoo_case() -> tuple[nn.Module, ModelOutput, tuple, list[str]]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 8, 8, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 2])
+    return LayerZoo().double(), ImageClassificationMargin(), (images, labels), []
+
+
+def _clip_batch(model, count: int = 3):
+    generator = torch.Generator().manual_seed(2)
+    size = model.preprocess.size
+    images = torch.randn(count, 3, size, size, generator=generator, dtype=torch.float64)
+    tokens = model.tokenize(CAPTIONS[:count])  # different lengths: padded rows
+    assert (tokens["attention_mask"] == 0).any()
+    return images, tokens
+
+
+def _clip_margin(model, indices: list[int]) -> ClipMargin:
+    generator = torch.Generator().manual_seed(3)
+    dim = model.encode_image(torch.zeros(1, 3, model.preprocess.size, model.preprocess.size,
+                                         dtype=torch.float64)).shape[-1]
+    output = ClipMargin()
+    bank = torch.nn.functional.normalize(torch.randn(2, 6, dim, generator=generator, dtype=torch.float64), dim=-1)
+    output.bank = EmbeddingBank(bank[0], bank[1], torch.tensor(indices))
+    return output
+
+
+def hf_clip_case(hidden_act: str) -> tuple[nn.Module, ModelOutput, tuple, list[str]]:
+    tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
+    model = HFCLIP.from_preset("tiny", tokenizer, seed=0, hidden_act=hidden_act, image_size=16,
+                               vision_num_hidden_layers=1, text_num_hidden_layers=1).double().eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():  # non-trivial LayerNorm and bias values
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model, _clip_margin(model, [0, 1, 5, 7, 8, 9]), _clip_batch(model), [
+        "model.logit_scale", "model.vision_model.embeddings.class_embedding"]
+
+
+def frozen_case() -> tuple[nn.Module, ModelOutput, tuple, list[str]]:
+    tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
+    vision = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32)
+    text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=16)
+    model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=8, seed=0).double().eval()
+    return model, _clip_margin(model, [0, 1, 5, 7, 8, 9]), _clip_batch(model), ["log_scale"]
+
+
+CASES: dict[str, Callable[[], tuple[nn.Module, ModelOutput, tuple, list[str]]]] = {
+    "layer_zoo": zoo_case,
+    "hf_clip_quick_gelu": lambda: hf_clip_case("quick_gelu"),
+    "hf_clip_gelu": lambda: hf_clip_case("gelu"),
+    "frozen_backbone_dual_encoder": frozen_case,
+}
+
+
+def reference_block(layer: FactoredLayer, gradient: torch.Tensor) -> torch.Tensor:
+    """P_o G P_iᵀ (linear-type layers) or the raw gradient (LayerNorm) from one example's exact gradient."""
+    if isinstance(layer.module, nn.LayerNorm):
+        return gradient
+    d_out, d_in = layer.widths()
+    weight = gradient[: d_out * d_in]
+    matrix = weight.reshape(d_in, d_out).T if isinstance(layer.module, nn.Embedding) else weight.reshape(d_out, d_in)
+    if layer.has_bias:
+        matrix = torch.cat([matrix, gradient[d_out * d_in :].reshape(d_out, 1)], 1)
+    if layer.out_projection is not None:
+        matrix = layer.out_projection @ matrix
+    if layer.in_projection is not None:
+        matrix = matrix @ layer.in_projection.T
+    return matrix.flatten()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def loop_gradients(output: ModelOutput, model: nn.Module, names: list[str], batch, indices) -> torch.Tensor:
+    """Per-example gradients the slow way: one autograd.grad of the single-example output per example."""
+    parameters = dict(model.named_parameters())
+    rows = []
+    for b in range(indices.shape[0]):
+        example = map_batch(lambda t: t[b], batch)
+        value = output.output(model, parameters, example, indices[b])
+        grads = torch.autograd.grad(value, [parameters[name] for name in names], allow_unused=True)
+        rows.append(torch.cat([torch.zeros_like(parameters[n]).flatten() if g is None else g.flatten()
+                               for n, g in zip(names, grads)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_layer_block_equals_the_projected_exact_per_example_gradient(case: str) -> None:
+    model, output, batch, others = CASES[case]()
+    indices = torch.tensor([1, -1, 7, 4][: batch[0].shape[0]])
+    # BERT's bidirectional mask cannot run under vmap, so the frozen case keeps its other parameters out
+    policy = "exclude" if case == "frozen_backbone_dual_encoder" else "exact"
+    featurizer = FactoredFeaturizer(model, output, proj_dim=None, layer_dim=6, other_parameters=policy)
+    assert featurizer.other_names == others
+    names = featurizer.parameter_names + (others if policy == "exclude" else [])
+    with eager_attention(model):  # the same attention kernel on both sides (sdpa and eager differ by ~1e-9)
+        features, weights = featurizer.features(batch, indices)
+        exact = loop_gradients(output, model, names, batch, indices)
+        expected_weights = output.loss_weight(model, batch, indices)
+    assert features.dtype == torch.float64
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
+    sizes = dict(model.named_parameters())
+    columns, start = {}, 0
+    for name in names:
+        columns[name] = slice(start, start + sizes[name].numel())
+        start += sizes[name].numel()
+    slices = featurizer.layer_slices()
+    kinds = set()
+    for layer in featurizer.layers:
+        gradient = torch.cat([exact[:, columns[name]] for name in layer.parameter_names], 1)
+        expected = torch.stack([reference_block(layer, row) for row in gradient])
+        assert expected.norm() > 0, layer.name
+        assert relative_error(features[:, slices[layer.name]], expected) < 1e-10, layer.name
+        kinds.add((type(layer.module).__name__, layer.out_projection is None, layer.in_projection is None,
+                   layer.has_bias))
+    if policy == "exact":
+        other = torch.cat([exact[:, :0]] + [exact[:, columns[name]] for name in others], 1)
+        torch.testing.assert_close(features[:, slices["other"]], other, rtol=1e-10, atol=1e-12)
+    else:
+        assert slices["other"].start == slices["other"].stop == features.shape[1]
+    if case == "layer_zoo":  # every layer type, projected and identity sides, with and without bias
+        assert {kind[0] for kind in kinds} == {"Conv2d", "Embedding", "LayerNorm", "Linear"}
+        assert {kind[1:] for kind in kinds if kind[0] != "LayerNorm"} >= {(True, False, True), (False, False, True),
+                                                                          (True, False, False)}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable >= set(names)  # the flags frozen during the pass are restored
+
+
+def test_float32_blocks_agree_with_the_float64_reference_to_1e_5() -> None:
+    model, output, batch, _ = hf_clip_case("quick_gelu")
+    indices = torch.tensor([1, -1, 7])
+    reference = FactoredFeaturizer(model, output, proj_dim=None).features(batch, indices)[0]
+    model32 = model.float()
+    output.bank = EmbeddingBank(output.bank.image_embeddings.float(), output.bank.text_embeddings.float(),
+                                output.bank.indices)
+    batch32 = (batch[0].float(), batch[1])
+    features = FactoredFeaturizer(model32, output, proj_dim=None).features(batch32, indices)[0]
+    assert features.dtype == torch.float32
+    assert relative_error(features.double(), reference) < 1e-5
+
+
+def test_sketched_features_are_the_count_sketch_of_the_layer_blocks() -> None:
+    model, output, batch, _ = zoo_case()
+    indices = torch.arange(4)
+    blocks = FactoredFeaturizer(model, output, proj_dim=None, seed=5).features(batch, indices)[0]
+    featurizer = FactoredFeaturizer(model, output, proj_dim=16, seed=5)
+    features = featurizer.features(batch, indices)[0]
+    sketch = featurizer.projector.matrix().double()
+    torch.testing.assert_close(features, blocks @ sketch, rtol=1e-12, atol=1e-12)
+    assert featurizer.settings()["projection"]["kind"] == "count_sketch"
+
+
+def test_count_sketch_inner_products_are_unbiased() -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 300, generator=generator, dtype=torch.float64)
+    b = b + a  # correlated, so the expectation is far from zero
+    estimates = torch.tensor([float(CountSketchProjector(300, 20, seed).project(torch.stack([a, b])).prod(0).sum())
+                              for seed in range(2000)])
+    # Var ≤ (‖a‖²‖b‖² + ⟨a,b⟩²)/k for a CountSketch with k buckets
+    bound = ((a @ a) * (b @ b) + (a @ b) ** 2) / 20
+    assert abs(float(estimates.mean() - a @ b)) < 5 * float(bound.sqrt()) / np.sqrt(2000)
+    assert float(estimates.var()) < 1.2 * float(bound)
+
+
+def test_other_parameter_policies() -> None:
+    model, output, batch, others = hf_clip_case("quick_gelu")
+    excluded = FactoredFeaturizer(model, output, proj_dim=None)
+    assert excluded.other_names == others and not set(others) & set(excluded.parameter_names)
+    assert excluded.layer_slices()["other"] == slice(excluded.input_dim, excluded.input_dim)
+    with pytest.raises(ValueError, match="class_embedding.*other_parameters"):
+        FactoredFeaturizer(model, output, other_parameters="error")
+    with pytest.raises(ValueError, match="other_parameters must be one of"):
+        FactoredFeaturizer(model, output, other_parameters="drop")
+    only_linear = FactoredFeaturizer(model, output, parameters=["model.visual_projection.weight"],
+                                     other_parameters="error")
+    assert [layer.name for layer in only_linear.layers] == ["model.visual_projection"]
+
+
+class HiddenWeightUse(nn.Module):
+    """Uses one Linear's weight without calling the Linear: no hook can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.bypassed = nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.flatten(1)
+        return self.used(x) + x @ self.bypassed.weight.T
+
+
+class WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.reshape(images.shape[0], -1, 4)
+        return self.head(self.attention(x, x, x)[0].mean(1))
+
+
+class NoBatchForm(ModelOutput):
+    def output(self, module, params, example, index):
+        return module(example[None]).sum()
+
+    def loss_weight(self, module, batch, indices):
+        return torch.ones(batch.shape[0])
+
+
+def test_unsupported_uses_are_refused_or_left_to_the_policy() -> None:
+    images, labels = torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])
+    with pytest.raises(RuntimeError, match=r"\['bypassed'\].*did not run"):
+        FactoredFeaturizer(HiddenWeightUse(), ImageClassificationMargin()).features((images, labels), torch.arange(3))
+    attention = FactoredFeaturizer(WithAttention(), ImageClassificationMargin(), proj_dim=None)
+    assert [layer.name for layer in attention.layers] == ["head"]
+    assert "attention.in_proj_weight" in attention.other_names and "attention.out_proj.weight" in attention.other_names
+    with pytest.raises(ValueError, match="defines no batch_outputs"):
+        FactoredFeaturizer(HiddenWeightUse(), NoBatchForm())
+    assert isinstance(make_featurizer("auto", HiddenWeightUse(), NoBatchForm()), ExactFeaturizer)
+    assert isinstance(make_featurizer("auto", HiddenWeightUse(), ImageClassificationMargin(), proj_dim=None),
+                      ExactFeaturizer)
+    assert isinstance(make_featurizer("auto", WithAttention(), ImageClassificationMargin()), FactoredFeaturizer)
+    with pytest.raises(ValueError, match="features must be one of"):
+        make_featurizer("fast", WithAttention(), ImageClassificationMargin())
+
+
+class FlattensTheBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.inner(images.reshape(-1, 2)).reshape(images.shape[0], -1)
+
+
+def test_a_layer_that_mixes_batch_and_tokens_is_refused_with_its_name() -> None:
+    featurizer = FactoredFeaturizer(FlattensTheBatch(), ImageClassificationMargin())
+    with pytest.raises(ValueError, match=r"'inner'.*leading dimension is not the batch size 3"):
+        featurizer.features((torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])), torch.arange(3))
