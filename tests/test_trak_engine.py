@@ -378,10 +378,10 @@ def test_unprojected_hf_clip_scores_equal_a_brute_force_float64_reference(hf_tok
 # === 3. determinism ===========================================================================================
 
 
-def _featurize(save_dir, model, train, order, batch, seed=0, targets=None):
+def _featurize(save_dir, model, train, order, batch, seed=0, targets=None, features="exact"):
     n = train[0].shape[0]
     traker = quiet_traker(model, "clip", n, save_dir, proj_dim=16, projector_seed=seed, lambda_reg=0.0,
-                          score_dtype=torch.float64)
+                          score_dtype=torch.float64, features=features)
     traker.task.get_embeddings(model, _bank_loader(*train), size=n)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     for s in range(0, n, batch):
@@ -401,27 +401,30 @@ def _featurize(save_dir, model, train, order, batch, seed=0, targets=None):
     return features, scores
 
 
-def test_same_seed_gives_identical_features_and_another_seed_other_features(tmp_path: Path) -> None:
+@pytest.mark.parametrize("features", ["exact", "factored"])
+def test_same_seed_gives_identical_features_and_another_seed_other_features(tmp_path: Path, features: str) -> None:
     model = TinyCLIP(seed=0).float()
     train = tiny_pairs(24, seed=1, dtype=torch.float32)
     order = np.arange(24)
-    first, _ = _featurize(tmp_path / "a", model, train, order, 6, seed=7)
-    second, _ = _featurize(tmp_path / "b", TinyCLIP(seed=0).float(), train, order, 6, seed=7)
-    other, _ = _featurize(tmp_path / "c", TinyCLIP(seed=0).float(), train, order, 6, seed=8)
+    first, _ = _featurize(tmp_path / "a", model, train, order, 6, seed=7, features=features)
+    second, _ = _featurize(tmp_path / "b", TinyCLIP(seed=0).float(), train, order, 6, seed=7, features=features)
+    other, _ = _featurize(tmp_path / "c", TinyCLIP(seed=0).float(), train, order, 6, seed=8, features=features)
     assert first.shape == (24, 16) and np.abs(first).max() > 0
     assert np.array_equal(first, second)
     assert not np.allclose(first, other)
 
 
+@pytest.mark.parametrize("features", ["exact", "factored"])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-6), (torch.float32, 1e-5)])
-def test_batch_size_and_featurize_order_do_not_change_features_or_scores(tmp_path: Path, dtype, tolerance) -> None:
+def test_batch_size_and_featurize_order_do_not_change_features_or_scores(tmp_path: Path, dtype, tolerance,
+                                                                         features: str) -> None:
     """Float64 pins the claim to 1e-6; float32 (rounding of batched kernels, ~4e-7 here) gets 1e-5."""
     train, targets = tiny_pairs(40, seed=1, dtype=dtype), tiny_pairs(6, seed=2, dtype=dtype)
     whole, whole_scores = _featurize(tmp_path / "a", TinyCLIP(seed=0).to(dtype), train, np.arange(40), 40,
-                                     targets=targets)
+                                     targets=targets, features=features)
     permutation = np.random.default_rng(0).permutation(40)
     shuffled, shuffled_scores = _featurize(tmp_path / "b", TinyCLIP(seed=0).to(dtype), train, permutation, 3,
-                                           targets=targets)
+                                           targets=targets, features=features)
     assert relative_error(shuffled, whole) <= tolerance
     assert relative_error(shuffled_scores, whole_scores) <= tolerance
     assert np.abs(whole_scores).max() > 0

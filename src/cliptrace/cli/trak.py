@@ -30,6 +30,10 @@ LambdaReg = Annotated[float, typer.Option(help="Ridge term added to XᵀX.")]
 BatchSize = Annotated[int, typer.Option(help="Records featurized at once.")]
 Dtype = Annotated[str, typer.Option(help="float32 or float64 for features and the kernel solve.")]
 Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
+Features = Annotated[str, typer.Option(
+    help="Feature path: factored (hooks on linear-type layers, about the cost of a training step), exact "
+         "(per-example gradients + dense projection, the reference), or auto (factored unless --proj-dim 0).")]
+LayerDim = Annotated[int, typer.Option(help="Factored path: width each side of a layer is projected to.")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 Targets = Annotated[Optional[Path], typer.Option(help="Dataset of the targets (default: DATA).")]
 TargetSplit = Annotated[str, typer.Option(help="Split of the targets ('' for all records).")]
@@ -39,11 +43,11 @@ TopK = Annotated[int, typer.Option(help="Proponents and opponents listed per tar
 
 
 def _settings(proj_dim: int, projection: str, seed: int, bank_size: int, parameters: list[str] | None,
-              lambda_reg: float, batch_size: int, dtype: str, device: str):
+              lambda_reg: float, batch_size: int, dtype: str, device: str, features: str, layer_dim: int):
     from cliptrace.trak.attribute import AttributionSettings
 
     return AttributionSettings(proj_dim or None, projection, seed, bank_size, tuple(parameters) if parameters else None,
-                               lambda_reg, batch_size, dtype, device)
+                               lambda_reg, batch_size, dtype, device, features, layer_dim)
 
 
 def _store_dir(run: Path, store: Path | None) -> Path:
@@ -55,12 +59,13 @@ def featurize_command(
     run: Run, data: Data, train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None,
     proj_dim: ProjDim = 2048, projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024,
     parameters: Parameters = None, lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32",
-    device: Device = "cpu", progress: Progress = True,
+    device: Device = "cpu", features: Features = "auto", layer_dim: LayerDim = 32, progress: Progress = True,
 ) -> None:
     from cliptrace.trak.attribute import featurize
 
     with reported_errors():
-        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
+                             features, layer_dim)
         result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoints,
                            train_split=train_split or None, settings=settings, progress=progress)
     console.print(f"features of {result.train_size} training records under {len(result.checkpoint_ids())} "
@@ -86,7 +91,8 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
             run, data, target_records, checkpoints=checkpoints, proj_dim=settings.proj_dim,
             projection=settings.projection, seed=settings.seed, bank_size=settings.bank_size,
             parameters=settings.parameters, lambda_reg=settings.lambda_reg, batch_size=settings.batch_size,
-            score_dtype=settings.score_dtype, device=settings.device, store_dir=_store_dir(run, store),
+            score_dtype=settings.score_dtype, device=settings.device, features=settings.features,
+            layer_dim=settings.layer_dim, store_dir=_store_dir(run, store),
             train_split=train_split or None, top_k=top_k, full_scores=full_scores, progress=progress,
         )
         written = result.save(out)
@@ -109,10 +115,11 @@ def _scoring_command(full_scores: bool):
         target_ids: TargetIds = None, train_split: TrainSplit = "train", store: Store = None,
         checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048, projection: Projection = "rademacher",
         seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None, lambda_reg: LambdaReg = 0.0,
-        batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu", top_k: TopK = 10,
-        out: Out = Path("attribution"), progress: Progress = True,
+        batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu", features: Features = "auto",
+        layer_dim: LayerDim = 32, top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
     ) -> None:
-        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device)
+        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
+                             features, layer_dim)
         _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
                    full_scores, out, progress)
 

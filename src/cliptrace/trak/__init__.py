@@ -1,24 +1,28 @@
 """TRAK data attribution for CLIP-style models: which training pairs made the model believe x matches y?
 
 Pipeline: a model-output function (:mod:`~cliptrace.trak.outputs`) → per-example gradient features
-(:mod:`~cliptrace.trak.features`, :mod:`~cliptrace.trak.projection`) → an on-disk store
+(:mod:`~cliptrace.trak.factored` by default, :mod:`~cliptrace.trak.features` for the exact reference,
+:mod:`~cliptrace.trak.projection`) → an on-disk store
 (:mod:`~cliptrace.trak.store`) → kernel scores over a checkpoint ensemble (:mod:`~cliptrace.trak.scoring`).
 Entry points: the ``traker``-compatible :class:`TRAKer` and the one-call :func:`attribute`.
 """
 
+from cliptrace.trak.factored import FactoredFeaturizer, make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
-from cliptrace.trak.projection import DenseProjector, IdentityProjector, Projector
+from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
 from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
 from cliptrace.trak.store import FeatureStore, StoreMismatchError
 from cliptrace.trak.traker import TRAKer
 
 __all__ = [
     "ClipMargin",
+    "CountSketchProjector",
     "DenseProjector",
     "EmbeddingBank",
     "EnsembleScorer",
     "ExactFeaturizer",
+    "FactoredFeaturizer",
     "FeatureStore",
     "Featurizer",
     "IdentityProjector",
@@ -29,4 +33,5 @@ __all__ = [
     "TRAKer",
     "TopK",
     "kernel_weights",
+    "make_featurizer",
 ]

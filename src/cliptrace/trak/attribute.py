@@ -27,7 +27,8 @@ from cliptrace.data.record import Record
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.train.checkpoint import list_checkpoints
-from cliptrace.trak.features import ExactFeaturizer, Featurizer
+from cliptrace.trak.factored import make_featurizer
+from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
 from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint
 from cliptrace.trak.store import FeatureStore, write_json_atomic
@@ -48,6 +49,8 @@ class AttributionSettings:
     batch_size: int = 16
     score_dtype: str = "float32"
     device: str = "cpu"
+    features: str = "auto"
+    layer_dim: int = 32
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -256,8 +259,9 @@ def _load_checkpoint(
             yield images.to(settings.device, settings.torch_dtype), tokens, torch.as_tensor(chunk)[owner]
 
     output.set_bank_source(len(train), bank_batches)
-    featurizer = ExactFeaturizer(model, output, proj_dim=settings.proj_dim, projection=settings.projection,
-                                 seed=settings.seed, parameters=settings.parameters)
+    featurizer = make_featurizer(settings.features, model, output, proj_dim=settings.proj_dim,
+                                 projection=settings.projection, seed=settings.seed, parameters=settings.parameters,
+                                 layer_dim=settings.layer_dim)
     output.prepare(model)
     return _Checkpoint(checkpoint_id, model, featurizer)
 
@@ -317,6 +321,8 @@ def attribute(
     batch_size: int = 16,
     score_dtype: str = "float32",
     device: str = "cpu",
+    features: str = "auto",
+    layer_dim: int = 32,
     store_dir: str | Path | None = None,
     train_split: str | None = "train",
     target_split: str | None = "test",
@@ -340,6 +346,9 @@ def attribute(
         batch_size: Records featurized at once.
         score_dtype: ``"float32"`` or ``"float64"`` (float64 also runs the model in float64).
         device: Torch device.
+        features: ``"factored"``, ``"exact"`` or ``"auto"`` (factored unless ``proj_dim`` is None); see
+            :mod:`cliptrace.trak.factored`.
+        layer_dim: Width each side of a layer is projected to on the factored path.
         store_dir: Feature store directory (default: ``RUN/trak/store`` for a run, else a temporary one).
             Features already there are reused; other settings in it are an error.
         train_split: Split of ``train`` when it is a path.
@@ -349,7 +358,7 @@ def attribute(
         progress: Show progress bars.
     """
     settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
-                                   lambda_reg, batch_size, score_dtype, device)
+                                   lambda_reg, batch_size, score_dtype, device, features, layer_dim)
     train_records = read_records(train, train_split)
     target_records = read_records(targets, target_split)
     sources = resolve_checkpoints(model, checkpoints)

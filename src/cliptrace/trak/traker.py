@@ -20,7 +20,8 @@ accepted for compatibility and ignored: half precision is slow on CPU and loses 
 uniformly and re-embedded under every loaded checkpoint; the ensemble is a plain mean (see
 :mod:`cliptrace.trak.scoring`); scores stay correct when ``proj_dim`` exceeds the training-set size.
 ``gradient_computer``, ``saver``, ``score_computer`` and ``proj_max_batch_size`` are ``traker`` internals and
-must be left at their defaults; pass ``featurizer=`` to plug in another feature path.
+must be left at their defaults. Features come from the factored path by default (``features="exact"`` for the
+reference path); pass ``featurizer=`` to plug in another one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from cliptrace.trak.batches import batch_size, map_batch, take_rows
+from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
@@ -60,6 +62,9 @@ class TRAKer:
         grad_wrt: Parameter names (or globs) to differentiate; default all trainable parameters.
         lambda_reg: Ridge term λ added to XᵀX.
         featurizer: A ready :class:`~cliptrace.trak.features.Featurizer` (overrides projection arguments).
+        features: The feature path: ``"factored"`` (hooks on linear-type layers, about the cost of a training step),
+            ``"exact"`` (per-example gradients and a dense projection), or ``"auto"``: factored unless ``proj_dim``
+            is None, a ``projector`` is given, or the task has no batched form (see :mod:`cliptrace.trak.factored`).
         score_dtype: dtype of the kernel solve (``torch.float32`` or ``torch.float64``).
         chunk_size: Examples per vectorized gradient call (bounds memory).
     """
@@ -87,6 +92,7 @@ class TRAKer:
         featurizer: Featurizer | None = None,
         score_dtype: torch.dtype = torch.float32,
         chunk_size: int | None = None,
+        features: str = "auto",
     ) -> None:
         del use_half_precision, proj_max_batch_size  # see the module docstring
         for name, value in (("gradient_computer", gradient_computer), ("saver", saver),
@@ -101,15 +107,17 @@ class TRAKer:
         self.lambda_reg = lambda_reg
         self.score_dtype = score_dtype
         self.save_dir = Path(save_dir)
-        if featurizer is None:
-            featurizer = ExactFeaturizer(self.model, self.task, proj_dim=proj_dim, seed=projector_seed,
-                                         parameters=None if grad_wrt is None else list(grad_wrt),
-                                         chunk_size=chunk_size)
-            if projector is not None:
-                if projector.input_dim != featurizer.projector.input_dim:
-                    raise ValueError(f"projector expects {projector.input_dim} gradient entries, the selected "
-                                     f"parameters have {featurizer.projector.input_dim}")
-                featurizer.projector, featurizer.proj_dim = projector, projector.proj_dim
+        parameters = None if grad_wrt is None else list(grad_wrt)
+        if featurizer is None and projector is None:
+            featurizer = make_featurizer(features, self.model, self.task, proj_dim=proj_dim, seed=projector_seed,
+                                         parameters=parameters, chunk_size=chunk_size)
+        elif featurizer is None:
+            featurizer = ExactFeaturizer(self.model, self.task, proj_dim=None, seed=projector_seed,
+                                         parameters=parameters, chunk_size=chunk_size)
+            if projector.input_dim != featurizer.projector.input_dim:
+                raise ValueError(f"projector expects {projector.input_dim} gradient entries, the selected "
+                                 f"parameters have {featurizer.projector.input_dim}")
+            featurizer.projector, featurizer.proj_dim = projector, projector.proj_dim
         self.featurizer = featurizer
         self.proj_dim = featurizer.proj_dim
         features_dir = self.save_dir / "features"
