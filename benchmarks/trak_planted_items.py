@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=None)
     parser.add_argument("--features", default="auto", choices=["auto", "factored", "exact"])
     parser.add_argument("--layer-dim", type=int, default=32, help="factored path: width of each side projection")
+    parser.add_argument("--other-parameters", default="exclude", choices=["exclude", "exact", "error"],
+                        help="factored path: parameters outside supported layers")
+    parser.add_argument("--parameter", action="append", default=None, help="parameter name or glob (repeatable)")
     args = parser.parse_args()
 
     planted = json.loads((args.world / "planted.json").read_text())
@@ -50,7 +53,8 @@ def main() -> None:
     result = cliptrace.attribute(
         args.run, train, [train[i] for i in originals], checkpoints=args.checkpoints, proj_dim=args.proj_dim,
         bank_size=args.bank_size, batch_size=args.batch_size, lambda_reg=args.lambda_reg, device=args.device,
-        features=args.features, layer_dim=args.layer_dim, store_dir=args.store, top_k=5, full_scores=False, progress=True,
+        features=args.features, layer_dim=args.layer_dim, other_parameters=args.other_parameters,
+        parameters=args.parameter, store_dir=args.store, top_k=5, full_scores=False, progress=True,
     )
     seconds = time.perf_counter() - start
 
@@ -61,7 +65,7 @@ def main() -> None:
     rank[order] = np.arange(1, len(train) + 1)
     percentiles = 100.0 * rank[mislabeled] / len(train)
     print(f"training records: {len(train)}, checkpoints: {', '.join(result.checkpoints)}, proj_dim: {args.proj_dim}, "
-          f"features: {args.features}, time: {seconds:.0f} s")
+          f"features: {args.features} (other parameters: {args.other_parameters}), time: {seconds:.0f} s")
     print(f"duplicate is the top-1 proponent: {hits}/{len(originals)} targets ({100.0 * hits / len(originals):.1f} %)")
     print(f"mislabeled records by self-influence: {int((percentiles <= 5).sum())}/{len(mislabeled)} in the top 5 %; "
           f"median percentile {np.median(percentiles):.2f} %, worst {percentiles.max():.2f} %")

@@ -294,3 +294,17 @@ def test_a_layer_that_mixes_batch_and_tokens_is_refused_with_its_name() -> None:
     featurizer = FactoredFeaturizer(FlattensTheBatch(), ImageClassificationMargin())
     with pytest.raises(ValueError, match=r"'inner'.*leading dimension is not the batch size 3"):
         featurizer.features((torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])), torch.arange(3))
+
+
+def test_bf16_autocast_gives_float32_features_close_to_the_float32_ones() -> None:
+    model, output, batch, _ = hf_clip_case("quick_gelu")
+    model = model.float()
+    output.bank = EmbeddingBank(output.bank.image_embeddings.float(), output.bank.text_embeddings.float(),
+                                output.bank.indices)
+    batch = (batch[0].float(), batch[1])
+    indices = torch.tensor([1, -1, 7])
+    reference = FactoredFeaturizer(model, output, proj_dim=64).features(batch, indices)[0]
+    features = FactoredFeaturizer(model, output, proj_dim=64, autocast=torch.bfloat16).features(batch, indices)[0]
+    assert features.dtype == torch.float32
+    error = relative_error(features, reference)
+    assert 0 < error < 5e-2  # bf16 keeps about 3 significant digits

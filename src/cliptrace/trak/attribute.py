@@ -51,6 +51,7 @@ class AttributionSettings:
     device: str = "cpu"
     features: str = "auto"
     layer_dim: int = 32
+    other_parameters: str = "exclude"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -261,7 +262,7 @@ def _load_checkpoint(
     output.set_bank_source(len(train), bank_batches)
     featurizer = make_featurizer(settings.features, model, output, proj_dim=settings.proj_dim,
                                  projection=settings.projection, seed=settings.seed, parameters=settings.parameters,
-                                 layer_dim=settings.layer_dim)
+                                 layer_dim=settings.layer_dim, other_parameters=settings.other_parameters)
     output.prepare(model)
     return _Checkpoint(checkpoint_id, model, featurizer)
 
@@ -323,6 +324,7 @@ def attribute(
     device: str = "cpu",
     features: str = "auto",
     layer_dim: int = 32,
+    other_parameters: str = "exclude",
     store_dir: str | Path | None = None,
     train_split: str | None = "train",
     target_split: str | None = "test",
@@ -349,6 +351,8 @@ def attribute(
         features: ``"factored"``, ``"exact"`` or ``"auto"`` (factored unless ``proj_dim`` is None); see
             :mod:`cliptrace.trak.factored`.
         layer_dim: Width each side of a layer is projected to on the factored path.
+        other_parameters: Factored path: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
+            the layers it supports (CLIP's class embedding and logit scale).
         store_dir: Feature store directory (default: ``RUN/trak/store`` for a run, else a temporary one).
             Features already there are reused; other settings in it are an error.
         train_split: Split of ``train`` when it is a path.
@@ -358,7 +362,7 @@ def attribute(
         progress: Show progress bars.
     """
     settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
-                                   lambda_reg, batch_size, score_dtype, device, features, layer_dim)
+                                   lambda_reg, batch_size, score_dtype, device, features, layer_dim, other_parameters)
     train_records = read_records(train, train_split)
     target_records = read_records(targets, target_split)
     sources = resolve_checkpoints(model, checkpoints)

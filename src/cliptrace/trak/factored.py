@@ -216,8 +216,8 @@ class FactoredFeaturizer(Featurizer):
         seed: Seed of the side projections and the final sketch.
         parameters: Parameter names or globs to differentiate (default: all trainable parameters).
         other_parameters: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside supported layers.
-        autocast: Run the forward and backward passes under ``torch.autocast`` with this dtype (e.g.
-            ``torch.bfloat16`` on a GPU); the projections accumulate in float32.
+        autocast: Run the forward and backward passes, and the side projections, under ``torch.autocast`` with
+            this dtype (e.g. ``torch.bfloat16`` on a GPU); per-layer blocks are summed and sketched in float32.
         chunk_size: Examples per vectorized call of the exact path for ``other_parameters="exact"``.
 
     Raises:
@@ -314,6 +314,10 @@ class FactoredFeaturizer(Featurizer):
         features = self.projector.project(torch.cat(parts, 1))
         return features, weights.to(features.dtype)
 
+    def _projection_precision(self, device: torch.device) -> torch.autocast:
+        """The side projections run under the same autocast as the model (none by default); sums stay in float32."""
+        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+
     @contextmanager
     def _hooks(self, blocks: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> Iterator[None]:
         ran: set[str] = set()
@@ -321,15 +325,15 @@ class FactoredFeaturizer(Featurizer):
         def forward_hook(layer: FactoredLayer):
             def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
                 ran.add(layer.name)
-                with torch.autocast(output.device.type, enabled=False):  # projections accumulate in `dtype`
+                with self._projection_precision(output.device):
                     kept = layer.keep(inputs, batch, dtype)
                 output = _per_example(output, batch, layer.name)
                 if not output.requires_grad:
                     output = output.detach().requires_grad_()
 
                 def gradient_hook(grad: torch.Tensor) -> None:
-                    with torch.autocast(grad.device.type, enabled=False):
-                        block = layer.block(kept, grad, dtype)
+                    with self._projection_precision(grad.device):  # autograd runs hooks in its own thread
+                        block = layer.block(kept, grad, dtype).to(dtype)
                     blocks[layer.name] = blocks[layer.name] + block if layer.name in blocks else block
 
                 output.register_hook(gradient_hook)
