@@ -216,8 +216,8 @@ class FactoredFeaturizer(Featurizer):
         seed: Seed of the side projections and the final sketch.
         parameters: Parameter names or globs to differentiate (default: all trainable parameters).
         other_parameters: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside supported layers.
-        autocast: Run the forward and backward passes, and the side projections, under ``torch.autocast`` with
-            this dtype (e.g. ``torch.bfloat16`` on a GPU); per-layer blocks are summed and sketched in float32.
+        autocast: Run the forward and backward passes under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16`` on a GPU); the side projections, per-layer sums and the sketch stay in float32.
         chunk_size: Examples per vectorized call of the exact path for ``other_parameters="exact"``.
 
     Raises:
@@ -314,9 +314,11 @@ class FactoredFeaturizer(Featurizer):
         features = self.projector.project(torch.cat(parts, 1))
         return features, weights.to(features.dtype)
 
-    def _projection_precision(self, device: torch.device) -> torch.autocast:
-        """The side projections run under the same autocast as the model (none by default); sums stay in float32."""
-        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None)
+    @staticmethod
+    def _projection_precision(device: torch.device) -> torch.autocast:
+        """Side projections and sums run outside autocast, in the features' dtype (faster and more accurate than
+        bf16 projections on an H200: 1836 vs 1457 ViT-B/32 examples/s, see benchmarks/RESULTS.md)."""
+        return torch.autocast(device.type, enabled=False)
 
     @contextmanager
     def _hooks(self, blocks: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> Iterator[None]:
