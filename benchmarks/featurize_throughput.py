@@ -5,8 +5,8 @@ Usage (see benchmarks/README.md)::
     python benchmarks/featurize_throughput.py [--presets tiny small] [--methods train_step factored exact traker] \
         [--batch-size 32] [--proj-dim 2048] [--device cpu|cuda] [--autocast bf16] [--json out.json]
 
-For every preset (a randomly initialized HF ``CLIPModel`` of cliptrace's size presets; ``base`` is ViT-B/32-sized
-with the 49,408-token OpenAI vocabulary) each method runs in its own subprocess on the same batch of random images and
+For every preset (a randomly initialized HF ``CLIPModel`` of cliptrace's size presets with a ``--vocab-size``
+vocabulary; ``base`` is ViT-B/32-sized with the 49,408-token OpenAI vocabulary) each method runs in its own subprocess on the same batch of random images and
 captions (lengths vary, so attention masks pad):
 
 * ``train_step``: forward + backward of CLIP's contrastive loss with weight gradients (the yardstick);
@@ -43,13 +43,19 @@ from trak_vs_traker import PhaseMeter, cpu_model  # noqa: E402
 METHODS = ("train_step", "factored", "exact", "traker")
 
 
-def build_model(preset: str, device: str) -> nn.Module:
-    """A randomly initialized HF ``CLIPModel`` of a cliptrace size preset (OpenAI vocabulary), seeded."""
+def build_model(preset: str, device: str, vocab_size: int = 0) -> nn.Module:
+    """A randomly initialized HF ``CLIPModel`` of a cliptrace size preset, seeded.
+
+    ``vocab_size`` 0 keeps the OpenAI vocabulary (49,408 tokens); another size stands for a BPE tokenizer trained on
+    the data (as ``cliptrace train`` does), with pad 0, BOS and EOS the two highest ids.
+    """
     from transformers import CLIPModel
 
     from cliptrace.models.presets import build_config
 
-    config = build_config(preset)
+    ids = {} if not vocab_size else dict(text_vocab_size=vocab_size, text_pad_token_id=0,
+                                          text_bos_token_id=vocab_size - 2, text_eos_token_id=vocab_size - 1)
+    config = build_config(preset, **ids)
     torch.manual_seed(0)
     return CLIPModel._from_config(config, attn_implementation="sdpa").to(device).eval()
 
@@ -155,7 +161,7 @@ def traker_step(model: nn.Module, batch: Any, args: argparse.Namespace):
 
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads) if args.threads else None
-    model = build_model(args.preset, args.device)
+    model = build_model(args.preset, args.device, 0 if args.preset == "base" else args.vocab_size)
     batch = make_batch(model, args.batch_size, args.device)
     step = step_function(args.method, model, batch, args)
     cuda = args.device.startswith("cuda")
@@ -185,7 +191,8 @@ def worker(args: argparse.Namespace) -> None:
 
 def run_worker(args: argparse.Namespace, preset: str, method: str) -> dict[str, Any] | None:
     command = [sys.executable, __file__, "--worker", "--preset", preset, "--method", method]
-    for key in ("batch_size", "proj_dim", "bank_size", "device", "threads", "warmup", "repeats", "workdir"):
+    for key in ("batch_size", "proj_dim", "bank_size", "device", "threads", "warmup", "repeats", "workdir",
+                "vocab_size"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.autocast:
         command += ["--autocast", args.autocast]
@@ -221,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--proj-dim", type=int, default=2048)
     parser.add_argument("--bank-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="text vocabulary of tiny/small (a trained BPE's size; base keeps OpenAI's 49,408)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
                         help="run train_step and factored under torch.autocast with this dtype")

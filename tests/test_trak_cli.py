@@ -95,3 +95,7 @@ def test_api_matches_cli_and_store_settings_are_checked(trained: tuple[Path, Pat
                                        *OPTIONS[:1], "32", *OPTIONS[2:]])
     assert refused.exit_code == 1
     assert "proj_dim" in refused.output and "other settings" in refused.output
+    other_path = CliRunner().invoke(app, ["trak", "featurize", str(run), str(data), "--store", str(store),
+                                          "--features", "exact", *OPTIONS])
+    assert other_path.exit_code == 1
+    assert "featurizer: 'factored' -> 'exact'" in other_path.output
