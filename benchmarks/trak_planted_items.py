@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--lambda-reg", type=float, default=0.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the projection and the negative bank")
     parser.add_argument("--features", default="auto", choices=["auto", "factored", "exact"])
     parser.add_argument("--layer-dim", type=int, default=32, help="factored path: width of each side projection")
     parser.add_argument("--other-parameters", default="exclude", choices=["exclude", "exact", "error"],
@@ -52,6 +53,7 @@ def main() -> None:
     start = time.perf_counter()
     result = cliptrace.attribute(
         args.run, train, [train[i] for i in originals], checkpoints=args.checkpoints, proj_dim=args.proj_dim,
+        seed=args.seed,
         bank_size=args.bank_size, batch_size=args.batch_size, lambda_reg=args.lambda_reg, device=args.device,
         features=args.features, layer_dim=args.layer_dim, other_parameters=args.other_parameters,
         parameters=args.parameter, store_dir=args.store, top_k=5, full_scores=False, progress=True,
