@@ -17,9 +17,10 @@ captions (lengths vary, so attention masks pad):
   CPU workarounds as in ``trak_vs_traker.py``).
 
 Both TRAK libraries differentiate every parameter and use a bank of ``--bank-size`` negatives. After ``--warmup``
-untimed batches, ``--repeats`` batches are timed; examples/s = batch size / mean seconds per batch. Peak memory is
-the worker's peak RSS over the timed batches (VmHWM, reset before them) on the CPU, and
-``torch.cuda.max_memory_allocated`` on a GPU.
+untimed batches, ``--repeats`` batches are timed, each right after a timed training step on the same batch in the
+same process, so that the cost ratio to a training step is measured under the same machine load; examples/s =
+batch size / mean seconds per batch. Peak memory is that of one batch of the method alone: the worker's peak RSS
+(VmHWM, reset before it) on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 
 from __future__ import annotations
@@ -160,31 +161,43 @@ def traker_step(model: nn.Module, batch: Any, args: argparse.Namespace):
 
 
 def worker(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads) if args.threads else None
+    """Time ``args.method`` interleaved with a training step on the same batch, in this one process."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(args.preset, args.device, 0 if args.preset == "base" else args.vocab_size)
     batch = make_batch(model, args.batch_size, args.device)
-    step = step_function(args.method, model, batch, args)
+    method = step_function(args.method, model, batch, args)
+    train_step = method if args.method == "train_step" else step_function("train_step", model, batch, args)
     cuda = args.device.startswith("cuda")
-    for _ in range(args.warmup):
+
+    def timed(step) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         step()
-    meter = PhaseMeter()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        method()
+    train_step()
+    meter = PhaseMeter()  # peak memory of one batch of the method alone
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with meter.phase("timed"):
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    seconds = sum(times) / len(times)
+    with meter.phase("peak"):
+        method()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else meter.results["peak"]["peak_rss_mb"]
+    times, train_times = [], []
+    for _ in range(args.repeats):  # interleaved, so that both see the same machine load
+        train_times.append(timed(train_step))
+        times.append(timed(method))
+    seconds, train_seconds = sum(times) / len(times), sum(train_times) / len(train_times)
     result = {
         "preset": args.preset, "method": args.method, "batch_size": args.batch_size,
         "parameters": sum(p.numel() for p in model.parameters()), "seconds_per_batch": seconds,
-        "examples_per_s": args.batch_size / seconds, "times": times,
-        "peak_mb": (torch.cuda.max_memory_allocated() / 2**20 if cuda else meter.results["timed"]["peak_rss_mb"]),
+        "examples_per_s": args.batch_size / seconds, "times": times, "train_step_times": train_times,
+        "cost_vs_train_step": seconds / train_seconds, "peak_mb": peak,
     }
     print("RESULT " + json.dumps(result))
 
@@ -207,17 +220,16 @@ def run_worker(args: argparse.Namespace, preset: str, method: str) -> dict[str, 
 
 
 def report(results: list[dict[str, Any]]) -> str:
-    lines = ["| preset (parameters) | method | examples/s | s per batch | × training step per example | "
-             "speed-up vs traker | peak memory MB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| preset (parameters) | method | examples/s | s per batch | cost per example (× training step, same "
+             "process) | speed-up vs traker | peak memory MB |", "|---|---|---|---|---|---|---|"]
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = {r["method"]: r for r in results if r["preset"] == preset}
-        base = rows.get("train_step")
         peer = rows.get("traker")
         for method, row in rows.items():
-            ratio = f"{base['examples_per_s'] / row['examples_per_s']:.2f}" if base else "—"
             speedup = f"{row['examples_per_s'] / peer['examples_per_s']:.1f}×" if peer else "—"
             lines.append(f"| {preset} ({row['parameters'] / 1e6:.1f} M) | {method} | {row['examples_per_s']:.2f} | "
-                         f"{row['seconds_per_batch']:.3f} | {ratio} | {speedup} | {row['peak_mb']:.0f} |")
+                         f"{row['seconds_per_batch']:.3f} | {row['cost_vs_train_step']:.2f} | {speedup} | "
+                         f"{row['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -258,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
             if result is not None:
                 results.append(result)
                 print(f"{preset:6s} {method:10s} {result['examples_per_s']:9.2f} examples/s  "
-                      f"peak {result['peak_mb']:.0f} MB", flush=True)
+                      f"{result['cost_vs_train_step']:.2f}× a training step  peak {result['peak_mb']:.0f} MB",
+                      flush=True)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps({"device": device, "torch": torch.__version__, "args": vars(args),
