@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -145,7 +146,8 @@ def traker_step(model: nn.Module, batch: Any, args: argparse.Namespace):
     projector = BasicProjector(grad_dim=grad_dim, proj_dim=args.proj_dim, seed=0, proj_type=ProjectionType.rademacher,
                                device=args.device, dtype=torch.float32)
     save_dir = Path(args.workdir) / f"traker-{os.getpid()}"
-    traker = TRAKer(model=adapter, task=ColumnQ(simulated_batch_size=args.bank_size), train_set_size=args.batch_size * (args.warmup + args.repeats),
+    rows = args.batch_size * (args.warmup + args.repeats + 1)
+    traker = TRAKer(model=adapter, task=ColumnQ(simulated_batch_size=args.bank_size), train_set_size=rows,
                     save_dir=str(save_dir), device=args.device, projector=projector, proj_dim=args.proj_dim,
                     use_half_precision=False, logging_level=logging.WARNING)
     traker.load_checkpoint(adapter.state_dict(), model_id=0)
@@ -155,7 +157,7 @@ def traker_step(model: nn.Module, batch: Any, args: argparse.Namespace):
     start = [0]
 
     def step() -> None:
-        traker.featurize(batch=(images, texts["input_ids"]), inds=list(range(start[0], start[0] + images.shape[0])))
+        traker.featurize(batch=(images, texts["input_ids"]), inds=np.arange(start[0], start[0] + images.shape[0]))
         start[0] += images.shape[0]
     return step
 
