@@ -9,7 +9,7 @@ Entry points: the ``traker``-compatible :class:`TRAKer` and the one-call :func:`
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
 from cliptrace.trak.projection import DenseProjector, IdentityProjector, Projector
-from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_kernel
 from cliptrace.trak.store import FeatureStore, StoreMismatchError
 from cliptrace.trak.traker import TRAKer
 
@@ -23,10 +23,11 @@ __all__ = [
     "Featurizer",
     "IdentityProjector",
     "ImageClassificationMargin",
+    "Kernel",
     "ModelOutput",
     "Projector",
     "StoreMismatchError",
     "TRAKer",
     "TopK",
-    "kernel_weights",
+    "solve_kernel",
 ]
