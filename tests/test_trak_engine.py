@@ -8,6 +8,7 @@ definitions (DESIGN.md §4) — the CLIP margin f_i and loss weight Q_i by a Pyt
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -31,8 +32,9 @@ from cliptrace.trak import (
     solve_kernel,
 )
 from cliptrace.trak.gradients import per_example_gradients, select_parameters
+from cliptrace.trak import scoring
 from cliptrace.trak.scoring import gram_matrix
-from cliptrace.trak.store import create_npy_atomic
+from cliptrace.trak.store import STORE_VERSION, create_npy_atomic
 
 DEVICE = "cpu"
 VOCAB, CONTEXT = 20, 5
@@ -519,6 +521,14 @@ def test_add_checkpoint_with_another_fingerprint_raises(tmp_path: Path) -> None:
         FeatureStore(tmp_path, 8, 4, SETTINGS).add_checkpoint("0", "bbbb")
 
 
+def test_a_store_of_another_version_is_refused_with_both_versions(tmp_path: Path) -> None:
+    FeatureStore(tmp_path, 8, 4, SETTINGS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(StoreMismatchError, match=f"store version 1, this cliptrace reads version {STORE_VERSION}"):
+        FeatureStore.reopen(tmp_path)
+
+
 def test_a_reopened_store_lists_exactly_the_missing_rows(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     features, weights = rng.normal(size=(8, 4)).astype(np.float32), rng.random(8).astype(np.float32)
@@ -648,10 +658,15 @@ def _streaming_scorer(tmp_path: Path, xs, qs, lam: float, block_rows: int, block
 ENSEMBLES = {"k<n": {"n": 15, "k": 5}, "k>n": {"n": 6, "k": 9}}
 
 
-@pytest.mark.parametrize("block_rows", [3, 64])
+STREAMING = [(3, 16), (64, scoring.PIECE_BYTES)]  # (rows per block, bytes per copied piece): 16 B is one row
+
+
+@pytest.mark.parametrize(("block_rows", "piece_bytes"), STREAMING)
 @pytest.mark.parametrize("lam", [0.0, 0.2])
 @pytest.mark.parametrize("regime", ["k<n", "k>n"])
-def test_streamed_scores_and_top_k_equal_a_brute_force_reference(tmp_path: Path, regime, lam, block_rows) -> None:
+def test_streamed_scores_and_top_k_equal_a_brute_force_reference(tmp_path, monkeypatch, regime, lam, block_rows,
+                                                                   piece_bytes) -> None:
+    monkeypatch.setattr(scoring, "PIECE_BYTES", piece_bytes)
     xs, qs, phis = _random_ensemble(**ENSEMBLES[regime], t=7)
     n = xs[0].shape[0]
     full = np.mean(qs, 0)[:, None] * np.mean([reference_kernel(x, lam) @ p.T for x, p in zip(xs, phis)], 0)
@@ -683,10 +698,12 @@ def test_streamed_scores_and_top_k_equal_a_brute_force_reference(tmp_path: Path,
     assert scorer.top_k(targets, 100).proponents.shape == (7, n)
 
 
-@pytest.mark.parametrize("block_rows", [3, 64])
+@pytest.mark.parametrize(("block_rows", "piece_bytes"), STREAMING)
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 @pytest.mark.parametrize("regime", ["k<n", "k>n"])
-def test_streamed_self_influence_is_mean_loss_weight_times_mean_leverage(tmp_path, regime, lam, block_rows) -> None:
+def test_streamed_self_influence_is_mean_loss_weight_times_mean_leverage(tmp_path, monkeypatch, regime, lam,
+                                                                         block_rows, piece_bytes) -> None:
+    monkeypatch.setattr(scoring, "PIECE_BYTES", piece_bytes)
     xs, qs, _ = _random_ensemble(**ENSEMBLES[regime], m=3, seed=2)
     leverage = [np.einsum("ik,ik->i", reference_kernel(x, lam), x) for x in xs]  # diag(X(XᵀX + λI)⁻¹Xᵀ)
     expected = np.mean(qs, 0) * np.mean(leverage, 0)

@@ -36,6 +36,7 @@ Self-influence of training example i is τ(z_i, z_i) = Q̄_i (1/M) Σ_m x_{m,i}�
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -52,16 +53,30 @@ Rows = np.ndarray | torch.Tensor
 """A row-major matrix: an in-memory tensor or array, or a ``.npy`` memory map (read a block at a time)."""
 
 BLOCK_ROWS = 65536
+PIECE_BYTES = 64 * 2**20
+"""Granularity below a row block: copies out of a memory map, and the temporaries of self-influence."""
+
+
+def _piece_rows(array: Rows) -> int:
+    itemsize = array.itemsize if isinstance(array, np.ndarray) else array.element_size()
+    return max(1, PIECE_BYTES // (itemsize * math.prod(array.shape[1:])))
 
 
 def read_rows(array: Rows, start: int, stop: int) -> torch.Tensor:
-    """Rows ``[start, stop)`` of ``array`` as a tensor in RAM; a memory map's pages are dropped from this process's
-    resident set after the copy (see :func:`~cliptrace.trak.store.release_pages`)."""
+    """Rows ``[start, stop)`` of ``array`` as a tensor in RAM.
+
+    A memory map is copied :data:`PIECE_BYTES` at a time, and the mapped pages are dropped from this process's
+    resident set after each piece (see :func:`~cliptrace.trak.store.release_pages`), so reading a block costs the
+    block plus one piece.
+    """
     if isinstance(array, torch.Tensor):
         return array[start:stop]
-    block = torch.from_numpy(np.array(array[start:stop]))
-    release_pages(array)
-    return block
+    block = np.empty((stop - start, *array.shape[1:]), dtype=array.dtype)
+    step = _piece_rows(array)
+    for offset in range(0, stop - start, step):
+        block[offset : offset + step] = array[start + offset : min(start + offset + step, stop)]
+        release_pages(array)
+    return torch.from_numpy(block)
 
 
 def _row_ranges(count: int, size: int) -> Iterator[tuple[int, int]]:
@@ -77,6 +92,7 @@ def gram_matrix(
     for start, stop in _row_ranges(features.shape[0], block_rows):
         block = read_rows(features, start, stop).to(device, dtype)
         total += block.T @ block
+        del block  # before the next block is read
     return total
 
 
@@ -126,8 +142,9 @@ class Kernel:
         x = read_rows(features, start, stop).to(self.dtype)
         if not self.is_factor:
             return (self.matrix[start:stop] * x).sum(1)
-        whitened = torch.linalg.solve_triangular(self.matrix.T, x, upper=True, left=False)  # rows L⁻¹x_i
-        return (whitened * whitened).sum(1)
+        return torch.cat([  # ‖L⁻¹x_i‖², a piece of rows at a time: the triangular solve allocates its result
+            torch.linalg.solve_triangular(self.matrix.T, piece, upper=True, left=False).square_().sum(1)
+            for piece in x.split(_piece_rows(x))])
 
 
 def solve_kernel(
@@ -161,11 +178,16 @@ def solve_kernel(
 
 
 def solve_checkpoint(
-    store: FeatureStore, checkpoint: str, lambda_reg: float, dtype: torch.dtype, device: str | torch.device
+    store: FeatureStore,
+    checkpoint: str,
+    lambda_reg: float,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    block_rows: int = BLOCK_ROWS,
 ) -> None:
-    """Solve the :class:`Kernel` of a fully featurized checkpoint of ``store`` on ``device`` and store it."""
+    """Solve the :class:`Kernel` (:func:`solve_kernel`) of a fully featurized checkpoint of ``store`` and store it."""
     features, _ = store.features(checkpoint)
-    store.save_kernel(checkpoint, solve_kernel(features, lambda_reg, dtype, device).matrix.numpy())
+    store.save_kernel(checkpoint, solve_kernel(features, lambda_reg, dtype, device, block_rows).matrix.numpy())
 
 
 def stored_kernel(store: FeatureStore, checkpoint: str) -> Kernel:
@@ -252,11 +274,15 @@ class EnsembleScorer:
         return sizes.pop()
 
     def _tiles(self, targets: Sequence[Rows], start: int, stop: int) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(row start, row stop, scores)`` of targets ``[start, stop)`` for each block of training rows."""
+        """``(row start, row stop, scores)`` of targets ``[start, stop)`` for each block of training rows.
+
+        The scores live in one buffer that the next block overwrites: use them before asking for the next.
+        """
         maps = [kernel.target_map(read_rows(phi, start, stop)) / len(self.kernels)
                 for kernel, phi in zip(self.kernels, targets, strict=True)]
+        buffer = torch.empty(min(self.block_rows, self.train_size), stop - start, dtype=self.dtype)
         for row_start, row_stop in _row_ranges(self.train_size, self.block_rows):
-            tile = torch.zeros(row_stop - row_start, stop - start, dtype=self.dtype)
+            tile = buffer[: row_stop - row_start].zero_()
             for kernel, features, psi in zip(self.kernels, self.train_features, maps, strict=True):
                 tile.addmm_(kernel.left_rows(features, row_start, row_stop), psi)
             yield row_start, row_stop, tile.mul_(self.mean_loss_weight[row_start:row_stop, None])
@@ -296,8 +322,9 @@ class EnsembleScorer:
             high = low = torch.empty(width, 0, dtype=self.dtype)
             high_index = low_index = torch.empty(width, 0, dtype=torch.long)
             left_out = None if exclude is None else exclude[start:stop].to(torch.long)
+            transposed = torch.empty(width, min(self.block_rows, self.train_size), dtype=self.dtype)
             for row_start, row_stop, tile in self._tiles(targets, start, stop):
-                scores = tile.T.contiguous()  # (targets, rows): top-k along contiguous memory
+                scores = transposed[:, : row_stop - row_start].copy_(tile.T)  # (targets, rows): top-k along rows
                 inside = None
                 if left_out is not None:
                     inside = torch.nonzero((left_out >= row_start) & (left_out < row_stop)).flatten()
