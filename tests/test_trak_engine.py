@@ -8,6 +8,7 @@ definitions (DESIGN.md §4) — the CLIP margin f_i and loss weight Q_i by a Pyt
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -28,9 +29,12 @@ from cliptrace.trak import (
     ImageClassificationMargin,
     StoreMismatchError,
     TRAKer,
-    kernel_weights,
+    solve_kernel,
 )
 from cliptrace.trak.gradients import per_example_gradients, select_parameters
+from cliptrace.trak import scoring
+from cliptrace.trak.scoring import gram_matrix
+from cliptrace.trak.store import STORE_VERSION, create_npy_atomic
 
 DEVICE = "cpu"
 VOCAB, CONTEXT = 20, 5
@@ -520,6 +524,14 @@ def test_add_checkpoint_with_another_fingerprint_raises(tmp_path: Path) -> None:
         FeatureStore(tmp_path, 8, 4, SETTINGS).add_checkpoint("0", "bbbb")
 
 
+def test_a_store_of_another_version_is_refused_with_both_versions(tmp_path: Path) -> None:
+    FeatureStore(tmp_path, 8, 4, SETTINGS)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(StoreMismatchError, match=f"store version 1, this cliptrace reads version {STORE_VERSION}"):
+        FeatureStore.reopen(tmp_path)
+
+
 def test_a_reopened_store_lists_exactly_the_missing_rows(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     features, weights = rng.normal(size=(8, 4)).astype(np.float32), rng.random(8).astype(np.float32)
@@ -580,32 +592,48 @@ def test_traker_resumes_an_interrupted_featurization(tmp_path: Path) -> None:
 # === 6. scoring ================================================================================================
 
 
-def test_kernel_weights_refuses_a_singular_gram_matrix_with_lambda_zero() -> None:
+def test_solve_kernel_refuses_a_singular_gram_matrix_with_lambda_zero() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(10, 4))
     x[:, 3] = x[:, 2]  # duplicate column: XᵀX is singular
     with pytest.raises(ValueError, match=r"not positive definite.*lambda_reg > 0"):
-        kernel_weights(torch.from_numpy(x), 0.0, torch.float64)
-    w = kernel_weights(torch.from_numpy(x), 0.5, torch.float64).numpy()
-    np.testing.assert_allclose(w, reference_kernel(x, 0.5), rtol=1e-10, atol=1e-12)
+        solve_kernel(x, 0.0, torch.float64)
+    kernel = solve_kernel(x, 0.5, torch.float64, block_rows=3)
+    assert kernel.is_factor
+    factor = kernel.matrix.numpy()
+    np.testing.assert_allclose(factor, np.tril(factor))
+    np.testing.assert_allclose(factor @ factor.T, x.T @ x + 0.5 * np.eye(4), rtol=1e-12, atol=1e-12)
     x = rng.normal(size=(4, 10))
     x[3] = x[2]  # k > n with a duplicated row: XXᵀ is singular
     with pytest.raises(ValueError, match="not positive definite"):
-        kernel_weights(torch.from_numpy(x), 0.0, torch.float64)
+        solve_kernel(x, 0.0, torch.float64)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3])
-def test_kernel_weights_with_more_features_than_examples_equal_the_pseudo_inverse(lam: float) -> None:
+def test_solve_kernel_with_more_features_than_examples_keeps_w_equal_to_the_pseudo_inverse(lam: float) -> None:
     rng = np.random.default_rng(1)
     x, phi = rng.normal(size=(6, 15)), rng.normal(size=(3, 15))
     assert np.linalg.matrix_rank(x.T @ x) < 15  # XᵀX itself is singular here
-    w = kernel_weights(torch.from_numpy(x), lam, torch.float64).numpy()
+    kernel = solve_kernel(x, lam, torch.float64)
+    assert not kernel.is_factor
+    w = kernel.matrix.numpy()
     assert np.isfinite(w).all()
     expected = np.linalg.pinv(x).T if lam == 0 else x @ np.linalg.inv(x.T @ x + lam * np.eye(15))
     assert relative_error(w @ phi.T, expected @ phi.T) < 1e-9
     np.testing.assert_allclose(w, expected, rtol=1e-8, atol=1e-10)
-    w32 = kernel_weights(torch.from_numpy(x), lam).numpy()
+    w32 = solve_kernel(x, lam).matrix.numpy()
     assert w32.dtype == np.float32 and relative_error(w32, expected) < 1e-4
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 10, 64])
+def test_gram_matrix_summed_over_row_blocks_of_a_memory_map_equals_xtx(tmp_path: Path, block_rows: int) -> None:
+    x = np.random.default_rng(2).normal(size=(10, 4))
+    np.save(tmp_path / "x.npy", x)
+    gram = gram_matrix(np.load(tmp_path / "x.npy", mmap_mode="r"), torch.float64, block_rows=block_rows)
+    assert gram.dtype == torch.float64
+    np.testing.assert_allclose(gram.numpy(), x.T @ x, rtol=1e-13, atol=1e-13)
+    gram32 = gram_matrix(torch.from_numpy(x.astype(np.float32)), torch.float32, block_rows=block_rows)
+    assert gram32.dtype == torch.float64 and relative_error(gram32.numpy(), x.T @ x) < 1e-6
 
 
 def _random_ensemble(n=15, k=5, t=7, m=2, seed=0):
@@ -616,14 +644,41 @@ def _random_ensemble(n=15, k=5, t=7, m=2, seed=0):
     return xs, qs, phis
 
 
-def test_ensemble_top_k_equals_argsort_of_the_full_score_matrix() -> None:
-    xs, qs, phis = _random_ensemble()
-    lam = 0.2
+def _memory_maps(directory: Path, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    for index, array in enumerate(arrays):
+        np.save(directory / f"{name}{index}.npy", array)
+    return [np.load(directory / f"{name}{index}.npy", mmap_mode="r") for index in range(len(arrays))]
+
+
+def _streaming_scorer(tmp_path: Path, xs, qs, lam: float, block_rows: int, block_size: int = 3) -> EnsembleScorer:
+    """A float64 scorer over memory-mapped features and loss weights, as the store hands them out."""
+    features = _memory_maps(tmp_path, "x", xs)
+    kernels = [solve_kernel(x, lam, torch.float64, block_rows=block_rows) for x in features]
+    return EnsembleScorer(kernels, features, _memory_maps(tmp_path, "q", qs), block_size=block_size,
+                          block_rows=block_rows)
+
+
+ENSEMBLES = {"k<n": {"n": 15, "k": 5}, "k>n": {"n": 6, "k": 9}}
+
+
+STREAMING = [(3, 16), (64, scoring.PIECE_BYTES)]  # (rows per block, bytes per copied piece): 16 B is one row
+
+
+@pytest.mark.parametrize(("block_rows", "piece_bytes"), STREAMING)
+@pytest.mark.parametrize("lam", [0.0, 0.2])
+@pytest.mark.parametrize("regime", ["k<n", "k>n"])
+def test_streamed_scores_and_top_k_equal_a_brute_force_reference(tmp_path, monkeypatch, regime, lam, block_rows,
+                                                                   piece_bytes) -> None:
+    monkeypatch.setattr(scoring, "PIECE_BYTES", piece_bytes)
+    xs, qs, phis = _random_ensemble(**ENSEMBLES[regime], t=7)
+    n = xs[0].shape[0]
     full = np.mean(qs, 0)[:, None] * np.mean([reference_kernel(x, lam) @ p.T for x, p in zip(xs, phis)], 0)
-    scorer = EnsembleScorer([kernel_weights(torch.from_numpy(x), lam, torch.float64) for x in xs],
-                            [torch.from_numpy(q) for q in qs], block_size=3)
-    targets = [torch.from_numpy(p) for p in phis]
+    scorer = _streaming_scorer(tmp_path, xs, qs, lam, block_rows)
+    targets = _memory_maps(tmp_path, "phi", phis)
     np.testing.assert_allclose(scorer.score(targets).numpy(), full, rtol=1e-9, atol=1e-12)
+    with create_npy_atomic(tmp_path / "scores.npy", np.float64, full.shape) as out:
+        scorer.score([torch.from_numpy(p) for p in phis], out=out)
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), full, rtol=1e-9, atol=1e-12)
 
     top = scorer.top_k(targets, 4)
     order = np.argsort(-full, axis=0, kind="stable")
@@ -634,25 +689,42 @@ def test_ensemble_top_k_equals_argsort_of_the_full_score_matrix() -> None:
                                rtol=1e-9)
 
     exclude = np.array([order[0, 0], -1, order[1, 2], 3, -1, order[-1, 5], 0])
-    top = scorer.top_k(targets, 4, exclude=torch.from_numpy(exclude))
-    for column, leave_out in enumerate(exclude):
-        kept = [i for i in range(full.shape[0]) if i != leave_out]
-        ranked = sorted(kept, key=lambda i: -full[i, column])
-        assert top.proponents[column].tolist() == ranked[:4]
-        assert top.opponents[column].tolist() == ranked[::-1][:4]
-        assert leave_out not in top.proponents[column].tolist() + top.opponents[column].tolist()
-    assert scorer.top_k(targets, 100, exclude=torch.from_numpy(exclude)).proponents.shape == (7, 14)
+    for k in (1, 4, n - 1):
+        top = scorer.top_k(targets, k, exclude=torch.from_numpy(exclude))
+        for column, leave_out in enumerate(exclude):
+            kept = [i for i in range(n) if i != leave_out]
+            ranked = sorted(kept, key=lambda i: -full[i, column])
+            assert top.proponents[column].tolist() == ranked[:k]
+            assert top.opponents[column].tolist() == ranked[::-1][:k]
+            np.testing.assert_allclose(top.proponent_scores[column].numpy(), full[ranked[:k], column], rtol=1e-9)
+    assert scorer.top_k(targets, 100, exclude=torch.from_numpy(exclude)).proponents.shape == (7, n - 1)
+    assert scorer.top_k(targets, 100).proponents.shape == (7, n)
 
 
+@pytest.mark.parametrize(("block_rows", "piece_bytes"), STREAMING)
 @pytest.mark.parametrize("lam", [0.0, 0.5])
-def test_self_influence_is_mean_loss_weight_times_mean_leverage(lam: float) -> None:
-    xs, qs, _ = _random_ensemble(n=20, k=6, m=3, seed=2)
-    leverage = [np.diag(x @ np.linalg.inv(x.T @ x + lam * np.eye(6)) @ x.T) for x in xs]
+@pytest.mark.parametrize("regime", ["k<n", "k>n"])
+def test_streamed_self_influence_is_mean_loss_weight_times_mean_leverage(tmp_path, monkeypatch, regime, lam,
+                                                                         block_rows, piece_bytes) -> None:
+    monkeypatch.setattr(scoring, "PIECE_BYTES", piece_bytes)
+    xs, qs, _ = _random_ensemble(**ENSEMBLES[regime], m=3, seed=2)
+    leverage = [np.einsum("ik,ik->i", reference_kernel(x, lam), x) for x in xs]  # diag(X(XᵀX + λI)⁻¹Xᵀ)
     expected = np.mean(qs, 0) * np.mean(leverage, 0)
-    scorer = EnsembleScorer([kernel_weights(torch.from_numpy(x), lam, torch.float64) for x in xs],
-                            [torch.from_numpy(q) for q in qs])
-    np.testing.assert_allclose(scorer.self_influence([torch.from_numpy(x) for x in xs]).numpy(), expected,
-                               rtol=1e-9)
+    scorer = _streaming_scorer(tmp_path, xs, qs, lam, block_rows)
+    np.testing.assert_allclose(scorer.self_influence().numpy(), expected, rtol=1e-9)
+
+
+def test_ensemble_scorer_refuses_kernels_that_do_not_fit_the_features() -> None:
+    xs, qs, phis = _random_ensemble(n=8, k=3, m=2)
+    kernels = [solve_kernel(x, 0.1, torch.float64) for x in xs]
+    with pytest.raises(ValueError, match="does not fit"):
+        EnsembleScorer(kernels, [x[:, :2] for x in xs], qs)
+    with pytest.raises(ValueError, match="disagree in shape"):
+        EnsembleScorer(kernels, [xs[0], xs[1][:5]], qs)
+    with pytest.raises(ValueError, match="each of the 2 checkpoints"):
+        EnsembleScorer(kernels, xs[:1], qs)
+    with pytest.raises(ValueError, match="out has shape"):
+        EnsembleScorer(kernels, xs, qs).score(phis, out=np.zeros((8, 2)))
 
 
 # === 7. image classification ===================================================================================

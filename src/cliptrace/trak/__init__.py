@@ -11,7 +11,7 @@ from cliptrace.trak.factored import FactoredFeaturizer, make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
-from cliptrace.trak.scoring import EnsembleScorer, TopK, kernel_weights
+from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_kernel
 from cliptrace.trak.store import FeatureStore, StoreMismatchError
 from cliptrace.trak.traker import TRAKer
 
@@ -27,11 +27,12 @@ __all__ = [
     "Featurizer",
     "IdentityProjector",
     "ImageClassificationMargin",
+    "Kernel",
     "ModelOutput",
     "Projector",
     "StoreMismatchError",
     "TRAKer",
     "TopK",
-    "kernel_weights",
     "make_featurizer",
+    "solve_kernel",
 ]

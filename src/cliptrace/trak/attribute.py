@@ -30,7 +30,7 @@ from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
-from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint
+from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint, stored_kernel
 from cliptrace.trak.store import FeatureStore, write_json_atomic
 
 ModelSource = DualEncoder | str | Path
@@ -282,7 +282,7 @@ def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: l
     for chunk in track(chunks, description=f"Featurizing {checkpoint.id}", disable=not progress or not chunks):
         features, weights = record_features(checkpoint.featurizer, batches, chunk, chunk, settings.device)
         store.write(checkpoint.id, np.asarray(chunk), features.numpy(), weights.numpy())
-    if store.kernel_weights(checkpoint.id) is None:
+    if store.kernel(checkpoint.id) is None:
         solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
 
 
@@ -373,27 +373,27 @@ def attribute(
     position = {record.id: i for i, record in enumerate(train_records)}
     target_index = [position.get(record.id, -1) for record in target_records]
     loader = ImageLoader()
-    store, weights, loss_weights, train_features, target_features = None, [], [], [], []
+    store, kernels, loss_weights, train_features, target_features = None, [], [], [], []
     for checkpoint_id, source in sources:
         checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
         store = store or _store(Path(store_dir), train_records, checkpoint.featurizer, settings)
         _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress)
         features, q = store.features(checkpoint_id)
-        train_features.append(torch.from_numpy(np.array(features)))
-        loss_weights.append(torch.from_numpy(np.array(q)))
-        weights.append(torch.from_numpy(np.array(store.kernel_weights(checkpoint_id))))
+        train_features.append(features)
+        loss_weights.append(q)
+        kernels.append(stored_kernel(store, checkpoint_id))
         batches = RecordBatches(checkpoint.model, target_records, loader, batch_size)
         chunks = list(batches.chunks(range(len(target_records))))
         parts = [record_features(checkpoint.featurizer, batches, chunk, [target_index[i] for i in chunk], device)[0]
                  for chunk in track(chunks, description=f"Targets under {checkpoint_id}", disable=not progress)]
         target_features.append(torch.cat(parts))
-    scorer = EnsembleScorer(weights, loss_weights)
+    scorer = EnsembleScorer(kernels, train_features, loss_weights)
     exclude = torch.as_tensor(target_index) if max(target_index) >= 0 else None
     return Attribution(
         train=train_records,
         targets=target_records,
         top=scorer.top_k(target_features, top_k, exclude=exclude),
-        self_influence=scorer.self_influence(train_features).numpy(),
+        self_influence=scorer.self_influence().numpy(),
         scores=scorer.score(target_features).numpy() if full_scores else None,
         checkpoints=[checkpoint_id for checkpoint_id, _ in sources],
     )

@@ -6,17 +6,24 @@ Layout (``.npy`` memory maps: random-access row writes, no dependency beyond num
     STORE/checkpoints/ID/features.npy        (n, k) float32 (or float64), rows written as batches finish
     STORE/checkpoints/ID/loss_weights.npy    (n,)   same dtype
     STORE/checkpoints/ID/featurized.npy      (n,)   bool, set only after the rows it covers are flushed
-    STORE/checkpoints/ID/kernel_weights.npy  (n, k) W = X(XᵀX + λI)⁻¹, written once all rows are done
+    STORE/checkpoints/ID/kernel.npy          the solved kernel, written once all rows are done:
+                                             (k, k) lower Cholesky factor of XᵀX + λI when k ≤ n,
+                                             (n, k) W = (XXᵀ + λI)⁻¹X when k > n (see cliptrace.trak.scoring)
 
 The manifest is replaced atomically (write, fsync, rename). Reopening a store with other settings, or featurizing
 a checkpoint id with other weights than it was started with, raises :class:`StoreMismatchError`. A crash loses at
 most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still to compute.
+
+Version history: 1 stored the n × k kernel weights W in ``kernel_weights.npy``; 2 stores ``kernel.npy``.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 STORE_FORMAT = "cliptrace.trak.feature_store"
-STORE_VERSION = 1
+STORE_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -63,6 +70,35 @@ def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     temporary = path.with_name(path.name + ".tmp.npy")
     np.save(temporary, array)
     os.replace(temporary, path)
+
+
+@contextmanager
+def create_npy_atomic(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) -> Iterator[np.memmap]:
+    """A new ``.npy`` memory map, filled inside the ``with`` block under a temporary name and renamed to ``path``
+    (after a flush) when the block exits without an error; on an error the temporary file is removed."""
+    temporary = path.with_name(path.name + ".tmp.npy")
+    array = open_memmap(temporary, "w+", dtype, shape)
+    try:
+        yield array
+        array.flush()
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a shared memory map that ``array`` views from this process's resident set.
+
+    The data stays in the file and the OS page cache (written pages are written back as usual) and is paged in
+    again on the next access; only the resident-set accounting of this process shrinks. A no-op for arrays in
+    RAM, copy-on-write maps (``mode="c"``) and platforms without ``madvise``.
+    """
+    owner = array
+    while isinstance(owner.base, np.ndarray):
+        owner = owner.base
+    if (isinstance(owner, np.memmap) and owner.mode != "c" and isinstance(owner.base, mmap.mmap)
+            and hasattr(mmap, "MADV_DONTNEED")):
+        owner.base.madvise(mmap.MADV_DONTNEED)
 
 
 class FeatureStore:
@@ -211,12 +247,12 @@ class FeatureStore:
         folder = self._require_complete(checkpoint)
         return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "loss_weights.npy", mmap_mode="r")
 
-    def save_kernel_weights(self, checkpoint: str, weights: np.ndarray) -> None:
-        """Store W for a fully featurized checkpoint (atomically)."""
+    def save_kernel(self, checkpoint: str, matrix: np.ndarray) -> None:
+        """Store the solved kernel matrix of a fully featurized checkpoint (atomically)."""
         folder = self._require_complete(checkpoint)
-        save_npy_atomic(folder / "kernel_weights.npy", weights)
+        save_npy_atomic(folder / "kernel.npy", matrix)
 
-    def kernel_weights(self, checkpoint: str) -> np.ndarray | None:
-        """W of ``checkpoint``, or None when it has not been computed."""
-        path = self._dir(checkpoint) / "kernel_weights.npy"
+    def kernel(self, checkpoint: str) -> np.ndarray | None:
+        """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved."""
+        path = self._dir(checkpoint) / "kernel.npy"
         return np.load(path, mmap_mode="r") if path.is_file() else None

@@ -40,8 +40,8 @@ from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
-from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint
-from cliptrace.trak.store import FeatureStore, StoreMismatchError, save_npy_atomic
+from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint, stored_kernel
+from cliptrace.trak.store import FeatureStore, StoreMismatchError, create_npy_atomic
 
 log = logging.getLogger("cliptrace.trak")
 
@@ -178,7 +178,7 @@ class TRAKer:
         self.store.write(self._checkpoint, indices[rows], features, weights)
 
     def finalize_features(self, model_ids: Iterable[int | str] | None = None, del_grads: bool = False) -> None:
-        """Solve the kernel W = X(XᵀX + λI)⁻¹ for each (fully featurized) checkpoint."""
+        """Solve the kernel of each (fully featurized) checkpoint: see :mod:`cliptrace.trak.scoring`."""
         del del_grads  # features are kept: self-influence reads them
         for checkpoint in self._checkpoint_ids(model_ids):
             solve_checkpoint(self.store, checkpoint, self.lambda_reg, self.score_dtype, self.device)
@@ -208,45 +208,52 @@ class TRAKer:
         if self._experiment is None:
             raise RuntimeError("call start_scoring_checkpoint() before score()")
         checkpoint, targets = self._experiment
-        if self.store.kernel_weights(checkpoint) is None:
+        if self.store.kernel(checkpoint) is None:
             raise RuntimeError(f"model id {checkpoint!r} is not finalized: call finalize_features() first")
         indices = self._indices(inds, num_samples, "_next_target")
         features, weights = self._features(batch, None, indices.size)
         targets.write(checkpoint, indices, features, weights)
 
     def _scorer(self, exp_name: str, model_ids: Iterable[int | str] | None, allow_skip: bool
-                ) -> tuple[EnsembleScorer, list[torch.Tensor], list[str]]:
+                ) -> tuple[EnsembleScorer, list[np.ndarray], list[str]]:
         experiment_dir = self.save_dir / "experiments" / exp_name
         if not experiment_dir.is_dir():
             raise ValueError(f"experiment {exp_name!r} does not exist: run start_scoring_checkpoint() and score()")
         targets = FeatureStore.reopen(experiment_dir)
-        weights, loss_weights, target_features, used = [], [], [], []
+        kernels, train_features, loss_weights, target_features, used = [], [], [], [], []
         for checkpoint in self._checkpoint_ids(model_ids):
-            kernel = self.store.kernel_weights(checkpoint)
-            ready = kernel is not None and checkpoint in targets.checkpoint_ids() and targets.is_complete(checkpoint)
+            ready = (self.store.kernel(checkpoint) is not None and checkpoint in targets.checkpoint_ids()
+                     and targets.is_complete(checkpoint))
             if not ready:
                 if allow_skip:
                     log.warning("skipping model id %s: not finalized or targets not scored", checkpoint)
                     continue
                 raise ValueError(f"model id {checkpoint!r} has no kernel or incomplete target features for "
                                  f"experiment {exp_name!r}")
-            weights.append(torch.from_numpy(np.array(kernel)))
-            loss_weights.append(torch.from_numpy(np.array(self.store.features(checkpoint)[1])))
-            target_features.append(torch.from_numpy(np.array(targets.features(checkpoint)[0])))
+            features, q = self.store.features(checkpoint)
+            kernels.append(stored_kernel(self.store, checkpoint))
+            train_features.append(features)
+            loss_weights.append(q)
+            target_features.append(targets.features(checkpoint)[0])
             used.append(checkpoint)
         if not used:
             raise ValueError(f"no model id is ready to score experiment {exp_name!r}")
-        return EnsembleScorer(weights, loss_weights), target_features, used
+        return EnsembleScorer(kernels, train_features, loss_weights), target_features, used
 
     def finalize_scores(
         self, exp_name: str, model_ids: Iterable[int | str] | None = None, allow_skip: bool = False
     ) -> np.ndarray:
-        """The (train_set_size, num_targets) score matrix, averaged over checkpoints; also saved to ``scores/``."""
+        """The (train_set_size, num_targets) score matrix, averaged over checkpoints.
+
+        It is written to ``scores/EXP_NAME.npy`` a row block at a time and returned as a read-only memory map of
+        that file.
+        """
         scorer, targets, _ = self._scorer(exp_name, model_ids, allow_skip)
-        scores = scorer.score(targets).numpy()
-        (self.save_dir / "scores").mkdir(parents=True, exist_ok=True)
-        save_npy_atomic(self.save_dir / "scores" / f"{exp_name}.npy", scores)
-        return scores
+        path = self.save_dir / "scores" / f"{exp_name}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with create_npy_atomic(path, self.store.dtype, (scorer.train_size, len(targets[0]))) as scores:
+            scorer.score(targets, out=scores)
+        return np.load(path, mmap_mode="r")
 
     def top_k(self, exp_name: str, k: int = 10, model_ids: Iterable[int | str] | None = None) -> TopK:
         """Top-k proponents and opponents per target of ``exp_name``, without forming the score matrix."""
@@ -256,16 +263,16 @@ class TRAKer:
     def self_influence(self, model_ids: Iterable[int | str] | None = None) -> np.ndarray:
         """τ(z_i, z_i) for every training example, averaged over the (finalized) checkpoints."""
         ids = self._checkpoint_ids(model_ids)
-        missing = [m for m in ids if self.store.kernel_weights(m) is None]
+        missing = [m for m in ids if self.store.kernel(m) is None]
         if missing:
             raise ValueError(f"model ids {missing} are not finalized: call finalize_features() first")
-        weights, features, loss_weights = [], [], []
+        kernels, features, loss_weights = [], [], []
         for checkpoint in ids:
             x, q = self.store.features(checkpoint)
-            weights.append(torch.from_numpy(np.array(self.store.kernel_weights(checkpoint))))
-            features.append(torch.from_numpy(np.array(x)))
-            loss_weights.append(torch.from_numpy(np.array(q)))
-        return EnsembleScorer(weights, loss_weights).self_influence(features).numpy()
+            kernels.append(stored_kernel(self.store, checkpoint))
+            features.append(x)
+            loss_weights.append(q)
+        return EnsembleScorer(kernels, features, loss_weights).self_influence().numpy()
 
 
 def _numpy_dtype(dtype: torch.dtype) -> str:
