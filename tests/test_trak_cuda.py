@@ -26,15 +26,17 @@ def _on(device: str):
     return model.to(device), output, moved, torch.tensor([1, -1, 7], device=device)
 
 
-@pytest.mark.parametrize("featurizer_class", [FactoredFeaturizer, ExactFeaturizer])
-def test_features_on_the_gpu_equal_the_cpu_ones_in_float64(featurizer_class) -> None:
+# The exact path runs HF's eager attention, whose softmax is float32 even in a float64 model (measured 1.2e-7 on an
+# H200); the factored path keeps sdpa in float64.
+@pytest.mark.parametrize(("featurizer_class", "tolerance"), [(FactoredFeaturizer, 1e-9), (ExactFeaturizer, 1e-6)])
+def test_features_on_the_gpu_equal_the_cpu_ones_in_float64(featurizer_class, tolerance: float) -> None:
     def features(device: str) -> tuple[torch.Tensor, torch.Tensor]:
         model, output, batch, indices = _on(device)
         return featurizer_class(model, output, proj_dim=256).features(batch, indices)
 
     for expected, actual in zip(features("cpu"), features("cuda")):
         assert actual.device.type == "cuda"
-        assert relative_error(actual.cpu(), expected) < 1e-9
+        assert relative_error(actual.cpu(), expected) < tolerance
 
 
 def test_kernel_solve_on_the_gpu_equals_the_cpu_one() -> None:

@@ -81,10 +81,11 @@ def hf_clip_case(hidden_act: str) -> tuple[nn.Module, ModelOutput, tuple, list[s
     tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
     model = HFCLIP.from_preset("tiny", tokenizer, seed=0, hidden_act=hidden_act, image_size=16,
                                vision_num_hidden_layers=1, text_num_hidden_layers=1).double().eval()
+    generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, parameter in model.named_parameters():  # non-trivial LayerNorm and bias values
             if "norm" in name or name.endswith("bias"):
-                parameter.add_(0.1 * torch.randn_like(parameter))
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
     return model, _clip_margin(model, [0, 1, 5, 7, 8, 9]), _clip_batch(model), [
         "model.logit_scale", "model.vision_model.embeddings.class_embedding"]
 
