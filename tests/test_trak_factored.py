@@ -309,3 +309,17 @@ def test_bf16_autocast_gives_float32_features_close_to_the_float32_ones() -> Non
     assert features.dtype == torch.float32
     error = relative_error(features, reference)
     assert 0 < error < 5e-2  # bf16 keeps about 3 significant digits
+
+
+def test_traker_takes_the_factored_path_wherever_it_applies(tmp_path) -> None:
+    model = LayerZoo()
+
+    def featurizer(**options):
+        return TRAKer(model=model, task="image_classification", train_set_size=4, save_dir=tmp_path / str(options),
+                      device="cpu", **options).featurizer
+
+    assert isinstance(featurizer(proj_dim=16), FactoredFeaturizer)
+    assert isinstance(featurizer(proj_dim=16, features="exact"), ExactFeaturizer)
+    assert isinstance(featurizer(proj_dim=None), ExactFeaturizer)  # raw gradients: only the exact path has them
+    with pytest.raises(ValueError, match="features must be one of"):
+        featurizer(proj_dim=16, features="fast")
