@@ -6,8 +6,8 @@ Usage (see benchmarks/README.md)::
         [--batch-size 32] [--proj-dim 2048] [--device cpu|cuda] [--autocast bf16] [--json out.json]
 
 For every preset (a randomly initialized HF ``CLIPModel`` of cliptrace's size presets with a ``--vocab-size``
-vocabulary; ``base`` is ViT-B/32-sized with the 49,408-token OpenAI vocabulary) each method runs in its own subprocess on the same batch of random images and
-captions (lengths vary, so attention masks pad):
+vocabulary; ``base`` is ViT-B/32-sized with the 49,408-token OpenAI vocabulary) each method runs in its own
+subprocess on the same batch of random images and captions (lengths vary, so attention masks pad):
 
 * ``train_step``: forward + backward of CLIP's contrastive loss with weight gradients (the yardstick);
 * ``factored``: :class:`cliptrace.trak.FactoredFeaturizer` (features of every linear-type layer, CountSketch to
@@ -263,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         worker(args)
         return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{cpu_model()}, {os.cpu_count()} cores"
+    cuda = args.device.startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else f"{cpu_model()}, {os.cpu_count()} cores"
     print(f"device: {device}; torch {torch.__version__}; batch {args.batch_size}, proj_dim {args.proj_dim}, "
           f"bank {args.bank_size}, autocast {args.autocast}")
     results = []

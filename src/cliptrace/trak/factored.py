@@ -251,7 +251,8 @@ class FactoredFeaturizer(Featurizer):
         self.layers = find_layers(module, selected, layer_dim, projection, seed)
         if not self.layers:
             raise ValueError(f"none of the {len(selected)} selected parameters of {type(module).__name__} is in a "
-                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact path")
+                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact "
+                             f"path")
         covered = {name for layer in self.layers for name in layer.parameter_names}
         self.other_names = [name for name in selected if name not in covered]
         if self.other_names and other_parameters == "error":
