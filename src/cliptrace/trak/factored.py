@@ -82,9 +82,8 @@ class FactoredLayer:
                  kind: str, seed: int) -> None:
         self.name, self.module = name, module
         self.parameter_names = [p for p in (weight, bias) if p is not None]
-        self.has_bias = bias is not None
+        self.has_weight, self.has_bias = weight is not None, bias is not None
         if isinstance(module, nn.LayerNorm):
-            self.has_weight = weight is not None
             self.out_projection = self.in_projection = None
             self.size = module.normalized_shape[0] * len(self.parameter_names)
             return
