@@ -1,0 +1,138 @@
+"""What every input-attribution method explains, and the result type they all return.
+
+The explained number is always the similarity logit ``τ ⟨φ(image), v⟩`` of an image embedding φ (normalized,
+τ = exp(logit_scale)) with a fixed *text side* vector v, or symmetrically ``τ ⟨u, ψ(text)⟩`` of a fixed image
+side u with a text embedding ψ. v is a caption's normalized embedding, a zero-shot class embedding, or a
+contrastive difference (target minus the mean of a prompt set); see :mod:`cliptrace.explain.api`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from cliptrace.models.base import DualEncoder
+from cliptrace.models.hf_clip import HFCLIP
+
+ImageLevel = Literal["patch", "pixel"]
+
+
+@dataclass
+class Explanation:
+    """Input attributions for a batch of B (image, text side) pairs.
+
+    Attributes:
+        method: The method's name.
+        logit: The explained number for each pair, shape (B,), computed by the real model.
+        image_map: Per-patch (B, gh, gw) or per-pixel (B, H, W) relevance; ``None`` if the method has none.
+        image_level: ``"patch"`` or ``"pixel"``: what one cell of ``image_map`` covers.
+        text_map: Per-token relevance (B, L), zero at padding; ``None`` when the text side is fixed
+            (a class embedding) or the method has no text map.
+        tokens: The caption's tokens per pair (strings, padding left out), when there is a text map.
+        image_constant: The part of the logit no patch owns (class and position embeddings, biases), shape (B,):
+            ``image_map.sum() + image_constant == logit``; only the exact decomposition sets it.
+        text_constant: The same for the text side: ``text_map.sum() + text_constant == logit``.
+        interaction: The logit split over (image sources × text sources), shape (B, gh·gw + 1, L + 1), the last
+            row and column being the constant source; only the exact decomposition sets it.
+        seconds: Wall time the method took.
+    """
+
+    method: str
+    logit: torch.Tensor
+    image_map: torch.Tensor | None
+    image_level: ImageLevel
+    text_map: torch.Tensor | None = None
+    tokens: list[list[str]] | None = None
+    image_constant: torch.Tensor | None = None
+    text_constant: torch.Tensor | None = None
+    interaction: torch.Tensor | None = None
+    seconds: float = 0.0
+
+
+def image_logit(model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
+    """``τ ⟨φ(pixel_values), text_side⟩`` per row: (B, 3, H, W) × (B, D) -> (B,). Differentiable in the pixels."""
+    return model.logit_scale.exp() * (model.encode_image(pixel_values) * text_side).sum(-1)
+
+
+def text_logit(
+    model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
+) -> torch.Tensor:
+    """``τ ⟨image_side, ψ(text)⟩`` per row: (B, L) × (B, D) -> (B,)."""
+    return model.logit_scale.exp() * (model.encode_text(input_ids, attention_mask) * image_side).sum(-1)
+
+
+def patch_grid(model: DualEncoder, pixel_values: torch.Tensor) -> tuple[int, int]:
+    """The (rows, columns) of the ViT patch grid of images shaped like ``pixel_values``.
+
+    Raises:
+        TypeError: The model has no ViT patch grid (only :class:`HFCLIP` is supported).
+    """
+    clip = require_hf_clip(model, "a patch grid")
+    patch = clip.model.vision_model.embeddings.patch_size
+    height, width = pixel_values.shape[-2:]
+    return height // patch, width // patch
+
+
+def to_pixels(image_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Spread a patch map (B, gh, gw) over pixels (B, H, W), each pixel getting its patch's value / patch area.
+
+    The pixel map sums to the patch map; a pixel map of shape ``size`` is returned as it is.
+    """
+    rows, columns = image_map.shape[-2:]
+    if (rows, columns) == tuple(size):
+        return image_map
+    height, width = size
+    if height % rows or width % columns:
+        raise ValueError(f"a {rows}×{columns} patch map does not tile a {height}×{width} image")
+    area = (height // rows) * (width // columns)
+    expanded = image_map.repeat_interleave(height // rows, -2).repeat_interleave(width // columns, -1)
+    return expanded / area
+
+
+def to_patches(pixel_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Sum a pixel map (B, H, W) over the cells of a (gh, gw) patch grid; a map already on the grid is returned."""
+    rows, columns = grid
+    height, width = pixel_map.shape[-2:]
+    if (height, width) == (rows, columns):
+        return pixel_map
+    if height % rows or width % columns:
+        raise ValueError(f"a {height}×{width} pixel map does not split into a {rows}×{columns} grid")
+    cells = pixel_map.reshape(*pixel_map.shape[:-2], rows, height // rows, columns, width // columns)
+    return cells.sum(dim=(-3, -1))
+
+
+def require_hf_clip(model: DualEncoder, needs: str) -> HFCLIP:
+    """``model`` itself if it is an :class:`HFCLIP`; else a TypeError saying what needed one."""
+    if not isinstance(model, HFCLIP):
+        raise TypeError(f"{needs} needs a HuggingFace CLIP model (HFCLIP), got {type(model).__name__}")
+    return model
+
+
+class AttributionMethod(abc.ABC):
+    """One input-attribution algorithm (one class per algorithm, as in captum).
+
+    Subclasses set ``name`` and ``image_level`` and implement :meth:`attribute_image`; those with a text-side
+    map also override :meth:`attribute_text`.
+    """
+
+    name: str
+    image_level: ImageLevel
+
+    @abc.abstractmethod
+    def attribute_image(
+        self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor
+    ) -> torch.Tensor:
+        """Relevance of each patch (B, gh, gw) or pixel (B, H, W) for ``image_logit(model, pixel_values, text_side)``."""
+
+    def attribute_text(
+        self,
+        model: DualEncoder,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_side: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Relevance of each token (B, L) for ``text_logit(...)``, zero at padding; ``None`` if not defined."""
+        return None
