@@ -1,5 +1,33 @@
-"""Input attribution: which image patches and caption tokens drive a CLIP similarity."""
+"""Input attribution: which image patches and caption tokens drive a CLIP similarity.
 
+The package itself is callable: ``cliptrace.explain(model, images, text, method=...)`` is
+:func:`cliptrace.explain.api.explain`.
+"""
+
+import sys
+import types
+
+from cliptrace.explain.api import explain, make_method, method_names
 from cliptrace.explain.base import AttributionMethod, Explanation, image_logit, text_logit
+from cliptrace.explain.decomposition import ExactDecomposition
 
-__all__ = ["AttributionMethod", "Explanation", "image_logit", "text_logit"]
+__all__ = [
+    "AttributionMethod",
+    "ExactDecomposition",
+    "Explanation",
+    "explain",
+    "image_logit",
+    "make_method",
+    "method_names",
+    "text_logit",
+]
+
+
+class _CallablePackage(types.ModuleType):
+    """Lets ``cliptrace.explain(...)`` call :func:`explain` while ``cliptrace.explain.metrics`` stays a module."""
+
+    def __call__(self, *args, **kwargs) -> Explanation:
+        return explain(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
