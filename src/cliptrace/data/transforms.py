@@ -28,18 +28,23 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Return a float32 tensor of shape (3, size, size)."""
-        image = image.convert("RGB")
-        width, height = image.size
-        scale = self.size / min(width, height)
-        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
-        if (new_w, new_h) != (width, height):
-            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        image = self.resize_crop(image.convert("RGB"))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return (pixels - mean) / std
+
+    def resize_crop(
+        self, image: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC
+    ) -> Image.Image:
+        """The geometric part alone: resize the shorter side to ``size`` and center-crop (``NEAREST`` for label maps)."""
+        width, height = image.size
+        scale = self.size / min(width, height)
+        new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), resample)
+        left, top = (new_w - self.size) // 2, (new_h - self.size) // 2
+        return image.crop((left, top, left + self.size, top + self.size))
 
     def unnormalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Map normalized pixels (..., 3, H, W) back to [0, 1] for display."""

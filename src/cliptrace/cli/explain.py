@@ -1,0 +1,112 @@
+"""``cliptrace explain``: which patches and words drive a similarity — one image, or a whole dataset with metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cliptrace.cli.errors import reported_errors
+
+console = Console()
+
+DEFAULT_METHODS = "decomposition,gradient_x_input,integrated_gradients,occlusion,attention_rollout,chefer,gradcam"
+
+
+def _model_directory(path: Path) -> Path:
+    """A model directory, or the final ``model/`` of a training run."""
+    return path / "model" if (path / "model").is_dir() and not (path / "config.json").is_file() else path
+
+
+def _names(methods: str) -> list[str]:
+    from cliptrace.explain import method_names
+
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in method_names()]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(method_names())}")
+    return names
+
+
+def _lines(value: Optional[str], path: Optional[Path]) -> list[str] | None:
+    """Comma-separated values, or the non-blank lines of a UTF-8 file."""
+    if path is not None:
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if value:
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return None
+
+
+def explain_command(
+    model: Annotated[Path, typer.Option(help="Model directory, or a training run (its final model/).")],
+    image: Annotated[Optional[Path], typer.Option(help="The image to explain.")] = None,
+    text: Annotated[Optional[str], typer.Option(help="The caption to explain the match with.")] = None,
+    target_class: Annotated[Optional[str], typer.Option(
+        "--class", help="Explain the match with this zero-shot class instead of a caption.")] = None,
+    classes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated class names: contrast --class with the mean of the other classes.")] = None,
+    contrast: Annotated[Optional[Path], typer.Option(
+        help="File of prompts, one per line: explain the caption minus the prompts' mean embedding.")] = None,
+    method: Annotated[str, typer.Option(help="Comma-separated methods (see --list-methods).")] = DEFAULT_METHODS,
+    out: Annotated[Path, typer.Option(help="PNG with one heatmap column per method (and token bars).")] = Path(
+        "explanation.png"),
+    list_methods: Annotated[bool, typer.Option(help="Print the available methods and exit.")] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Batch mode: explain a dataset's images and write a metrics table to --out (a directory).")] = None,
+    split: Annotated[str, typer.Option(help="Batch mode: split of --data ('' for all records).")] = "test",
+    limit: Annotated[int, typer.Option(help="Batch mode: explain at most this many targets.")] = 100,
+    steps: Annotated[int, typer.Option(help="Batch mode: points on each deletion/insertion curve.")] = 16,
+    seed: Annotated[int, typer.Option(help="Batch mode: seed of the target sample and the random baseline.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    from cliptrace.explain import method_names
+
+    if list_methods:
+        console.print("\n".join(method_names()))
+        return
+    with reported_errors():
+        names = _names(method)
+        if data is not None:
+            _batch(_model_directory(model), data, split, limit, names, out, steps, seed, progress)
+            return
+        if image is None:
+            raise ValueError("give --image (and --text or --class), or --data for batch mode")
+        _single(_model_directory(model), image, text, target_class, _lines(classes, None), _lines(None, contrast),
+                names, out)
+
+
+def _single(model_dir: Path, image_path: Path, text: str | None, target_class: str | None,
+            classes: list[str] | None, contrast: list[str] | None, names: list[str], out: Path) -> None:
+    from PIL import Image
+
+    from cliptrace.explain import explain
+    from cliptrace.explain.plot import method_grid, save_figure
+    from cliptrace.models import load_model
+
+    model = load_model(model_dir).eval()
+    if not image_path.is_file():
+        raise FileNotFoundError(f"{image_path}: no such image file")
+    with Image.open(image_path) as opened:
+        picture = opened.convert("RGB")
+    pixels = model.preprocess(picture).unsqueeze(0)
+    results = [explain(model, pixels, text, target_class=target_class, classes=classes, contrast=contrast,
+                       method=name) for name in names]
+    figure = method_grid(model.preprocess.unnormalize(pixels[0]), results,
+                         caption=text if text is not None else f"class: {target_class}")
+    save_figure(figure, out)
+    table = Table(title=f"{image_path.name} · {text if text is not None else target_class}")
+    for column in ("method", "logit", "seconds", "top tokens"):
+        table.add_column(column)
+    for result in results:
+        top = ""
+        if result.text_map is not None and result.tokens:
+            scores = result.text_map[0, : len(result.tokens[0])]
+            order = scores.argsort(descending=True)[:3].tolist()
+            top = ", ".join(f"{result.tokens[0][i].strip()} ({scores[i]:.3g})" for i in order)
+        table.add_row(result.method, f"{float(result.logit[0]):.4g}", f"{result.seconds:.3f}", top)
+    console.print(table)
+    console.print(f"written: {out}")
