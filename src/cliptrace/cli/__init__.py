@@ -6,6 +6,7 @@ import typer
 
 from cliptrace.cli.data import data_app
 from cliptrace.cli.evaluate import eval_command, retrieve_command
+from cliptrace.cli.explain import explain_command
 from cliptrace.cli.shapes import shapes
 from cliptrace.cli.train import demo_command, train_command
 from cliptrace.cli.trak import trak_app
@@ -31,6 +32,9 @@ app.command("train", help="Train a CLIP model contrastively on an image-caption 
 app.command("eval", help="Evaluate a model: retrieval R@k and zero-shot classification.")(eval_command)
 app.command("retrieve", help="Query a model by eye: top-k images for a caption, or captions for an image.")(
     retrieve_command
+)
+app.command("explain", help="Input attribution: which image patches and caption words drive a similarity.")(
+    explain_command
 )
 app.add_typer(trak_app, name="trak", help="Data attribution with TRAK: which training pairs drive a judgment.")
 app.command("demo", help="Generate the shapes world, train a tiny CLIP on it and evaluate it.")(demo_command)

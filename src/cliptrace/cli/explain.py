@@ -110,3 +110,36 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
         table.add_row(result.method, f"{float(result.logit[0]):.4g}", f"{result.seconds:.3f}", top)
     console.print(table)
     console.print(f"written: {out}")
+
+
+def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str], out: Path, steps: int, seed: int,
+           progress: bool) -> None:
+    import csv
+
+    from cliptrace.explain import explain
+    from cliptrace.explain.evaluation import evaluate_methods, load_cases, summarize, summary_markdown
+    from cliptrace.explain.plot import method_grid, save_figure
+    from cliptrace.models import load_model
+
+    model = load_model(model_dir).eval()
+    cases = load_cases(model, data, split=split or None, limit=limit, seed=seed)
+    rows = evaluate_methods(model, cases, names, steps=steps, progress=progress)
+    summary = summarize(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("metrics.csv", rows), ("summary.csv", summary)):
+        columns = list(dict.fromkeys(key for row in table for key in row))
+        with (out / name).open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+    markdown = summary_markdown(summary)
+    (out / "summary.md").write_text(markdown, encoding="utf-8")
+    for case in cases[:4]:
+        results = [explain(model, case.pixels[None], case.caption, target_class=case.target_class, method=name)
+                   for name in names]
+        label = case.caption if case.caption is not None else f"class: {case.target_class}"
+        save_figure(method_grid(model.preprocess.unnormalize(case.pixels), results, caption=label),
+                    out / "examples" / f"{case.id}.png")
+    console.print(markdown)
+    console.print(f"{len(cases)} cases × {len(names)} methods; written: {out / 'metrics.csv'}, "
+                  f"{out / 'summary.csv'}, {out / 'summary.md'}, {out / 'examples'}/")

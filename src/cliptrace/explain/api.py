@@ -78,24 +78,11 @@ def explain(
     attribution = make_method(method)
     pixels = _pixels(model, images)
     count = len(pixels)
-    if (text is None) == (target_class is None):
-        raise ValueError("give either text (captions) or target_class (zero-shot classes), not both or neither")
-    if classes is not None and target_class is None:
-        raise ValueError("classes= contrasts a target class with the other classes; it needs target_class=")
-    if target_class is not None and contrast is not None:
-        raise ValueError("contrast= applies to captions; contrast a class with classes=[...] instead")
     start = time.perf_counter()
+    tokens, text_side, offset = resolve_target(model, count, text, target_class=target_class, contrast=contrast,
+                                               classes=classes, templates=templates)
+    target = text_side if offset is None else text_side - offset
     with torch.no_grad():
-        if text is not None:
-            captions = _per_image(text, count, "text")
-            tokens = model.tokenize(captions)
-            text_side = model.encode_text(**tokens)
-            offset = _mean_embedding(model, contrast, pixels.dtype) if contrast else None
-        else:
-            names = _per_image(target_class, count, "target_class")
-            tokens = None
-            text_side, offset = _class_sides(model, names, classes, templates, pixels.dtype)
-        target = text_side if offset is None else text_side - offset
         image_side = model.encode_image(pixels)
         logit = model.logit_scale.exp() * (image_side * target).sum(-1)
 
@@ -117,6 +104,39 @@ def explain(
         result.tokens = None
     result.seconds = time.perf_counter() - start
     return result
+
+
+@torch.no_grad()
+def resolve_target(
+    model: DualEncoder,
+    count: int,
+    text: str | Sequence[str] | None = None,
+    *,
+    target_class: str | Sequence[str] | None = None,
+    contrast: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
+    """The text side of ``count`` images, as :func:`explain` takes it.
+
+    Returns:
+        ``(tokens, side, offset)``: the captions' tokens (``None`` for classes), the target embeddings (count, D)
+        in the model's dtype, and the contrast subtracted from them ((1 or count, D), or ``None``). The explained
+        logit is ``τ ⟨φ, side − offset⟩``.
+    """
+    dtype = model.logit_scale.dtype
+    if (text is None) == (target_class is None):
+        raise ValueError("give either text (captions) or target_class (zero-shot classes), not both or neither")
+    if classes is not None and target_class is None:
+        raise ValueError("classes= contrasts a target class with the other classes; it needs target_class=")
+    if target_class is not None and contrast is not None:
+        raise ValueError("contrast= applies to captions; contrast a class with classes=[...] instead")
+    if text is not None:
+        tokens = model.tokenize(_per_image(text, count, "text"))
+        side = model.encode_text(**tokens).to(dtype)
+        return tokens, side, _mean_embedding(model, contrast, dtype) if contrast else None
+    side, offset = _class_sides(model, _per_image(target_class, count, "target_class"), classes, templates, dtype)
+    return None, side, offset
 
 
 def _explain_batch(
