@@ -195,8 +195,8 @@ class GradientXInput(AttributionMethod):
 
 
 class PatchGradient(AttributionMethod):
-    """Gradient in embedding space: ``‖∂f/∂e‖₂`` of each patch embedding e (the patch-embedding conv output),
-    as in the embedding-space view of adversarial "deoptimization" (Goodfellow et al. 2015). HFCLIP only.
+    """Saliency in embedding space: ``‖∂f/∂e‖₂`` of each patch embedding e (the patch-embedding conv output),
+    i.e. how fast the logit moves when the patch's embedding is perturbed. HFCLIP only.
 
     The token map is the same norm on token embeddings.
     """
