@@ -18,7 +18,7 @@ DEFAULT_METHODS = "decomposition,gradient_x_input,integrated_gradients,occlusion
 
 def _model_directory(path: Path) -> Path:
     """A model directory, or the final ``model/`` of a training run."""
-    return path / "model" if (path / "model").is_dir() and not (path / "config.json").is_file() else path
+    return path / "model" if (path / "model").is_dir() and not (path / "cliptrace_model.json").is_file() else path
 
 
 def _names(methods: str) -> list[str]:
