@@ -60,7 +60,8 @@ def test_list_methods_and_clear_errors(world_and_model, tmp_path):
         (["--text", "a"], "--image"),
     ]
     for args, message in cases:
-        result = runner.invoke(app, ["explain", "--model", str(model), *map(str, args), "--out", str(tmp_path / "x.png")])
+        command = ["explain", "--model", str(model), *map(str, args), "--out", str(tmp_path / "x.png")]
+        result = runner.invoke(app, command)
         assert result.exit_code == 1 and message in result.output, result.output
     assert not (tmp_path / "x.png").exists()
 
@@ -97,8 +98,9 @@ def test_batch_mode_writes_the_metrics_table(world_and_model, tmp_path):
 
 
 def test_summary_is_the_mean_and_normal_interval_of_each_measure():
+    measured = {"a": [1.0, 2.0, 4.0], "b": [0.5, math.nan, 1.5]}
     rows = [{"id": str(i), "method": method, "score": value}
-            for method, values in (("a", [1.0, 2.0, 4.0]), ("b", [0.5, math.nan, 1.5])) for i, value in enumerate(values)]
+            for method, values in measured.items() for i, value in enumerate(values)]
     summary = {entry["method"]: entry for entry in summarize(rows)}
     assert summary["a"]["score"] == pytest.approx(7 / 3)
     assert summary["a"]["score±"] == pytest.approx(1.96 * np.std([1, 2, 4], ddof=1) / math.sqrt(3))

@@ -203,35 +203,26 @@ class PatchGradient(AttributionMethod):
 
     name = "patch_gradient"
     image_level: ImageLevel = "patch"
+    times_input = False
 
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
-        """L2 norm of the gradient per patch embedding, (B, gh, gw)."""
-        return _embedding_map(model, "image", (pixel_values,), text_side, times_input=False)
+        """The map of each patch embedding, (B, gh, gw)."""
+        return _embedding_map(model, "image", (pixel_values,), text_side, times_input=self.times_input)
 
     def attribute_text(
         self, model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
     ) -> torch.Tensor:
-        """L2 norm of the gradient per token embedding, (B, L)."""
-        return _embedding_map(model, "text", (input_ids, attention_mask), image_side, times_input=False)
+        """The map of each token embedding, (B, L)."""
+        return _embedding_map(model, "text", (input_ids, attention_mask), image_side, times_input=self.times_input)
 
 
-class PatchGradientXInput(AttributionMethod):
+class PatchGradientXInput(PatchGradient):
     """Gradient × input in embedding space: ``Σ_d e_d ∂f/∂e_d`` per patch embedding e (the patch-embedding conv
     output; class and position embeddings excluded). HFCLIP only. The token map is the same on token embeddings.
     """
 
     name = "patch_gradient_x_input"
-    image_level: ImageLevel = "patch"
-
-    def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
-        """Patch embedding · gradient per patch, (B, gh, gw)."""
-        return _embedding_map(model, "image", (pixel_values,), text_side, times_input=True)
-
-    def attribute_text(
-        self, model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
-    ) -> torch.Tensor:
-        """Token embedding · gradient per token, (B, L)."""
-        return _embedding_map(model, "text", (input_ids, attention_mask), image_side, times_input=True)
+    times_input = True
 
 
 class IntegratedGradients(AttributionMethod):

@@ -108,7 +108,9 @@ def _side_scores(model: HFCLIP, components: torch.Tensor, other_side: torch.Tens
     return model.logit_scale.exp() * torch.einsum("bse,be->bs", components, other_side)
 
 
-def _encoder_layer(components: torch.Tensor, layer: CLIPEncoderLayer, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def _encoder_layer(
+    components: torch.Tensor, layer: CLIPEncoderLayer, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     """One pre-LN transformer block: attention and MLP residual branches with frozen state."""
     attention = layer.self_attn
     normed = _layer_norm(components, layer.layer_norm1)
