@@ -61,7 +61,8 @@ def test_components_sum_to_the_real_embeddings_and_logit(dtype, hidden_act, capt
     assert relative(image.sum(1), phi) < tolerance
     assert relative(text.sum(1), psi) < tolerance
     # A logit is at most τ in size; near-orthogonal random embeddings give logits far below it, where float32
-    # rounding of the embeddings alone exceeds 1e-5 of |logit|. So float32 is measured against τ, float64 against |logit|.
+    # rounding of the embeddings alone exceeds 1e-5 of |logit|. So float32 is measured against τ, float64
+    # against |logit|.
     scale = logit.abs() if dtype == torch.float64 else model.logit_scale.exp()
     assert ((split.sum((1, 2)) - logit).abs() / scale).max() < tolerance
     padding = tokens["attention_mask"] == 0

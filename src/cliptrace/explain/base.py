@@ -125,7 +125,7 @@ class AttributionMethod(abc.ABC):
     def attribute_image(
         self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor
     ) -> torch.Tensor:
-        """Relevance of each patch (B, gh, gw) or pixel (B, H, W) for ``image_logit(model, pixel_values, text_side)``."""
+        """Relevance of each patch (B, gh, gw) or pixel (B, H, W) for ``image_logit(model, pixels, text_side)``."""
 
     def attribute_text(
         self,
