@@ -114,15 +114,17 @@ def evaluate_methods(
     cases: Sequence[Case],
     methods: Sequence[str],
     *,
+    classes: Sequence[str] | None = None,
     steps: int = 16,
     batch_size: int = 8,
     progress: bool = False,
 ) -> list[dict[str, float | str]]:
     """One row per (case, method): logit, seconds, curve AUCs, localization and completeness where they apply.
 
-    AUCs are normalized by the unperturbed logit (:meth:`PerturbationCurve.normalized_auc`): deletion lower is
-    better, insertion higher. ``pointing``, ``energy`` and ``iou`` need a ground-truth mask; ``completeness``
-    is set for decompositions.
+    AUCs are areas under the raw logit curve over the perturbed fraction (logit units): deletion lower is better,
+    insertion higher. (Dividing by the unperturbed logit explodes for images whose logit is near zero.)
+    ``pointing``, ``energy`` and ``iou`` need a ground-truth mask; ``completeness`` is set for decompositions.
+    With ``classes`` (class cases only), each case's class is contrasted with the mean of the other classes.
     """
     from rich.progress import track
 
@@ -132,7 +134,8 @@ def evaluate_methods(
     classes = [case.target_class for case in cases]
     text = None if captions[0] is None else captions
     target_class = None if classes[0] is None else classes
-    _, side, _ = resolve_target(model, len(cases), text, target_class=target_class)
+    _, side, offset = resolve_target(model, len(cases), text, target_class=target_class, classes=classes)
+    side = side if offset is None else side - offset
     masks = None if cases[0].mask is None else torch.stack([case.mask for case in cases])
     grid = patch_grid(model, pixels)
     rows: list[dict[str, float | str]] = []
@@ -140,15 +143,15 @@ def evaluate_methods(
     for name, start in track(work, description="explaining", disable=not progress):
         chunk = slice(start, start + batch_size)
         result = explain(model, pixels[chunk], None if text is None else text[chunk],
-                         target_class=None if target_class is None else target_class[chunk], method=name,
-                         batch_size=batch_size)
+                         target_class=None if target_class is None else target_class[chunk], classes=classes,
+                         method=name, batch_size=batch_size)
         image_map = result.image_map.detach().to(torch.float64)
         score = logit_score(model, side[chunk])
         measures: dict[str, torch.Tensor] = {}
         for key, mode, level, substrate in CURVES:
             curve = perturbation_curve(score, pixels[chunk], image_map, mode=mode, level=level, substrate=substrate,
                                        grid=grid, steps=steps, batch_size=64)
-            measures[key] = curve.normalized_auc()
+            measures[key] = curve.auc()
         if masks is not None:
             measures.update(mask_overlap(image_map, masks[chunk]))
             measures["pointing"] = pointing_game(image_map, masks[chunk]).double()
