@@ -119,3 +119,20 @@ def test_decomposition_rows_are_complete_and_agree_with_a_direct_call(world_and_
                      target_class=[case.target_class for case in cases])
     assert [row["logit"] for row in rows] == pytest.approx(direct.logit.tolist(), rel=1e-5)
     assert all(row["completeness"] < 1e-4 for row in rows)
+
+
+def test_contrastive_rows_explain_the_class_against_the_others(world_and_model):
+    world, model_dir = world_and_model
+    from cliptrace.data.shapes import class_names
+    from cliptrace.explain import explain
+    from cliptrace.models import load_model
+
+    model = load_model(model_dir)
+    cases = load_cases(model, world, split="", limit=3, seed=0)
+    rows = evaluate_methods(model, cases, ["decomposition"], classes=class_names(), steps=2)
+    direct = explain(model, torch.stack([case.pixels for case in cases]),
+                     target_class=[case.target_class for case in cases], classes=class_names())
+    plain = explain(model, torch.stack([case.pixels for case in cases]),
+                    target_class=[case.target_class for case in cases])
+    assert [row["logit"] for row in rows] == pytest.approx(direct.logit.tolist(), rel=1e-5)
+    assert not torch.allclose(direct.logit, plain.logit)

@@ -131,9 +131,9 @@ def evaluate_methods(
     dtype = model.logit_scale.dtype
     pixels = torch.stack([case.pixels for case in cases]).to(dtype)
     captions = [case.caption for case in cases]
-    classes = [case.target_class for case in cases]
+    names = [case.target_class for case in cases]
     text = None if captions[0] is None else captions
-    target_class = None if classes[0] is None else classes
+    target_class = None if names[0] is None else names
     _, side, offset = resolve_target(model, len(cases), text, target_class=target_class, classes=classes)
     side = side if offset is None else side - offset
     masks = None if cases[0].mask is None else torch.stack([case.mask for case in cases])
