@@ -175,3 +175,42 @@ def test_per_source_scores_equal_gradient_x_input_on_a_detached_copy(hidden_act,
         mixed = torch.zeros_like(patches[0]) if mixed is None else mixed
         torch.testing.assert_close((mixed * patches[0]).sum(1).flatten(1).detach(), split[:, :-1, token],
                                    rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_propagating_sources_in_chunks_gives_the_same_components(chunk_size):
+    model = tiny_clip("gelu", torch.float64)
+    pixels, tokens = inputs(model, CAPTIONS)
+    with torch.no_grad():
+        whole_image, whole_text = image_components(model, pixels), text_components(model, **tokens)
+        image = image_components(model, pixels, chunk_size=chunk_size)
+        text = text_components(model, **tokens, chunk_size=chunk_size)
+    torch.testing.assert_close(image, whole_image, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(text, whole_text, rtol=1e-12, atol=1e-14)
+
+
+ARCHITECTURES = {
+    "patch4-2heads": dict(image_size=24, vision_patch_size=4, vision_num_attention_heads=2, text_num_attention_heads=2),
+    "patch8-1head": dict(image_size=32, vision_num_attention_heads=1, text_num_attention_heads=1),
+    "wide-mlp": dict(image_size=16, vision_intermediate_size=300, text_intermediate_size=200, projection_dim=24),
+}
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_completeness_holds_for_other_patch_grids_and_widths(name):
+    options = ARCHITECTURES[name]
+    tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
+    model = HFCLIP.from_preset("tiny", tokenizer, seed=0, vision_num_hidden_layers=1, text_num_hidden_layers=1,
+                               **options).double().eval()
+    size = options["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    method = ExactDecomposition(chunk_size=5)
+    with torch.no_grad():
+        psi = model.encode_text(**model.tokenize(CAPTIONS[:2]))
+        logit = model.logit_scale.exp() * (model.encode_image(pixels) * psi).sum(-1)
+        image = image_components(model, pixels, chunk_size=5)
+    image_map = method.attribute_image(model, pixels, psi)
+    patch = model.model.vision_model.embeddings.patch_size
+    assert image_map.shape == (2, size // patch, size // patch)
+    constant = model.logit_scale.exp() * (image[:, -1] * psi).sum(-1)
+    torch.testing.assert_close(image_map.sum((1, 2)) + constant, logit, rtol=1e-10, atol=1e-12)

@@ -151,14 +151,14 @@ def _explain_batch(
     """The maps of one batch; the decomposition also yields its constants and interaction matrix."""
     if isinstance(attribution, ExactDecomposition):
         with torch.no_grad():
-            image = image_components(model, pixels)
+            image = image_components(model, pixels, chunk_size=attribution.chunk_size)
             if tokens is None:
                 scores = model.logit_scale.exp() * torch.einsum("bse,be->bs", image, target.to(image.dtype))
                 return {
                     "image_map": scores[:, :-1].reshape(len(pixels), *patch_grid(model, pixels)),
                     "image_constant": scores[:, -1],
                 }
-            text = text_components(model, **tokens)
+            text = text_components(model, **tokens, chunk_size=attribution.chunk_size)
             if offset is not None:  # the prompt set's mean belongs to no token: it joins the constant source
                 text[:, -1] -= offset.to(text.dtype)
             split = interaction(model, image, text)

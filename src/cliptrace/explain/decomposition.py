@@ -11,6 +11,8 @@ interaction matrix ``τ ⟨φ_s, ψ_t⟩``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
@@ -21,11 +23,43 @@ from cliptrace.models.base import DualEncoder
 from cliptrace.models.hf_clip import HFCLIP
 
 
-def image_components(model: HFCLIP, pixel_values: torch.Tensor) -> torch.Tensor:
+class FrozenState:
+    """The nonlinear quantities of one real forward pass, recorded in order and then replayed.
+
+    The recording pass propagates a single source holding the whole input, so it *is* the model's forward pass;
+    each later pass over a chunk of sources reads the same values back in the same order.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[torch.Tensor] = []
+        self.replaying: Iterator[torch.Tensor] | None = None
+
+    def get(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The next recorded value, or ``compute()`` recorded now."""
+        if self.replaying is not None:
+            return next(self.replaying)
+        value = compute()
+        self.values.append(value)
+        return value
+
+    def replay(self) -> None:
+        """Read the recorded values from the start."""
+        self.replaying = iter(self.values)
+
+
+def image_components(
+    model: HFCLIP, pixel_values: torch.Tensor, *, chunk_size: int | None = None
+) -> torch.Tensor:
     """Per-patch components of the normalized image embedding, (B, P + 1, E); the last row is the constant source.
 
     Patch s owns its patch embedding (the patch-embedding convolution of its pixels); the constant source owns
     the class embedding and all position embeddings. ``components.sum(1)`` is ``model.encode_image(pixel_values)``.
+
+    Args:
+        model: The CLIP model.
+        pixel_values: Preprocessed images (B, 3, H, W) at the model's input size.
+        chunk_size: Sources propagated at a time (all by default). Memory grows with
+            ``B · chunk_size · positions · MLP width``; a smaller chunk trades time for memory on large models.
     """
     vision = model.model.vision_model
     embeddings = vision.embeddings
@@ -36,39 +70,88 @@ def image_components(model: HFCLIP, pixel_values: torch.Tensor) -> torch.Tensor:
             f"{embeddings.image_size}×{embeddings.image_size}"
         )
     patches = embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, P, D)
-    batch, count, width = patches.shape
-    components = patches.new_zeros(batch, count + 1, count + 1, width)
-    source = torch.arange(count, device=patches.device)
-    components[:, source, source + 1] = patches
-    components[:, rules.CONSTANT, 0] = embeddings.class_embedding
-    components[:, rules.CONSTANT] += embeddings.position_embedding(embeddings.position_ids[0])
-    components = _layer_norm(components, vision.pre_layrnorm)
-    for layer in vision.encoder.layers:
-        components = _encoder_layer(components, layer, attention_mask=None)
-    pooled = _layer_norm(components[:, :, 0], vision.post_layernorm)
-    return _normalized(rules.linear(pooled, model.model.visual_projection.weight))
+    constant = embeddings.position_embedding(embeddings.position_ids[0]).clone()
+    constant[0] += embeddings.class_embedding
+    positions = torch.arange(1, patches.shape[1] + 1, device=patches.device)
+
+    def propagate(components: torch.Tensor, frozen: FrozenState) -> torch.Tensor:
+        components = _layer_norm(components, vision.pre_layrnorm, frozen)
+        for layer in vision.encoder.layers:
+            components = _encoder_layer(components, layer, None, frozen)
+        pooled = _layer_norm(components[:, :, 0], vision.post_layernorm, frozen)
+        return _normalized(rules.linear(pooled, model.model.visual_projection.weight), frozen)
+
+    return _by_chunks(patches, positions, constant, propagate, chunk_size)
 
 
-def text_components(model: HFCLIP, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def text_components(
+    model: HFCLIP, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_size: int | None = None
+) -> torch.Tensor:
     """Per-token components of the normalized text embedding, (B, L + 1, E); the last row is the constant source.
 
     Token t owns its token embedding; the constant source owns the position embeddings. Padding tokens own
     exactly zero (no real position attends to them). ``components.sum(1)`` is ``model.encode_text(...)``.
+    ``chunk_size`` is as in :func:`image_components`.
     """
     text = model.model.text_model
     embeddings = text.embeddings
     tokens = embeddings.token_embedding(input_ids)  # (B, L, D)
-    batch, length, width = tokens.shape
-    components = tokens.new_zeros(batch, length + 1, length, width)
-    position = torch.arange(length, device=tokens.device)
-    components[:, position, position] = tokens
-    components[:, rules.CONSTANT] = embeddings.position_embedding(position)
+    batch, length, _ = tokens.shape
+    positions = torch.arange(length, device=tokens.device)
     mask = _causal_padding_mask(attention_mask, tokens.dtype)
-    for layer in text.encoder.layers:
-        components = _encoder_layer(components, layer, attention_mask=mask)
-    components = _layer_norm(components, text.final_layer_norm)
-    pooled = components[torch.arange(batch, device=tokens.device), :, _pooled_position(text, input_ids)]
-    return _normalized(rules.linear(pooled, model.model.text_projection.weight))
+    pooled_position = _pooled_position(text, input_ids)
+
+    def propagate(components: torch.Tensor, frozen: FrozenState) -> torch.Tensor:
+        for layer in text.encoder.layers:
+            components = _encoder_layer(components, layer, mask, frozen)
+        components = _layer_norm(components, text.final_layer_norm, frozen)
+        pooled = components[torch.arange(batch, device=tokens.device), :, pooled_position]
+        return _normalized(rules.linear(pooled, model.model.text_projection.weight), frozen)
+
+    return _by_chunks(tokens, positions, embeddings.position_embedding(positions), propagate, chunk_size)
+
+
+def _by_chunks(
+    inputs: torch.Tensor,
+    positions: torch.Tensor,
+    constant: torch.Tensor,
+    propagate: Callable[[torch.Tensor, FrozenState], torch.Tensor],
+    chunk_size: int | None,
+) -> torch.Tensor:
+    """Record the frozen state with one real forward pass, then propagate the sources chunk by chunk.
+
+    Args:
+        inputs: The input embedding of each source (B, S, D); source s enters at position ``positions[s]``.
+        positions: (S,) positions of the sources in the sequence.
+        constant: The constant source's input (N, D) over all N positions.
+        propagate: Pushes components (B, S' + 1, N, D) through the tower with a :class:`FrozenState`.
+        chunk_size: Sources per chunk; all at once by default.
+
+    Returns:
+        (B, S + 1, E): each source's output component, then the constant source's.
+    """
+    batch, count, width = inputs.shape
+    whole = constant.expand(batch, -1, -1).clone()
+    whole[:, positions] += inputs
+    frozen = FrozenState()
+    propagate(whole[:, None], frozen)  # the real forward pass, as one source
+    size = count if chunk_size is None else chunk_size
+    if size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    parts = []
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        # Every chunk carries a constant slot (it collects the biases); only the first chunk's is kept.
+        components = inputs.new_zeros(batch, stop - start + 1, len(constant), width)
+        chunk = torch.arange(stop - start, device=inputs.device)
+        components[:, chunk, positions[start:stop]] = inputs[:, start:stop]
+        if start == 0:
+            components[:, rules.CONSTANT] = constant
+        frozen.replay()
+        output = propagate(components, frozen)
+        parts.append(output if start == 0 else output[:, :-1])
+    first = parts[0]
+    return torch.cat([first[:, :-1], *parts[1:], first[:, -1:]], dim=1)
 
 
 def interaction(model: HFCLIP, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -86,11 +169,16 @@ class ExactDecomposition(AttributionMethod):
     name = "decomposition"
     image_level = "patch"
 
+    def __init__(self, chunk_size: int | None = None) -> None:
+        """``chunk_size``: sources propagated at a time (see :func:`image_components`); all by default."""
+        self.chunk_size = chunk_size
+
     @torch.no_grad()
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
         """Patch contributions (B, gh, gw); the constant source's share is ``logit − map.sum()``."""
         clip = require_hf_clip(model, "the exact decomposition")
-        scores = _side_scores(clip, image_components(clip, pixel_values), text_side)
+        components = image_components(clip, pixel_values, chunk_size=self.chunk_size)
+        scores = _side_scores(clip, components, text_side)
         return scores[:, :-1].reshape(-1, *patch_grid(clip, pixel_values))
 
     @torch.no_grad()
@@ -99,7 +187,8 @@ class ExactDecomposition(AttributionMethod):
     ) -> torch.Tensor:
         """Token contributions (B, L), zero at padding."""
         clip = require_hf_clip(model, "the exact decomposition")
-        return _side_scores(clip, text_components(clip, input_ids, attention_mask), image_side)[:, :-1]
+        components = text_components(clip, input_ids, attention_mask, chunk_size=self.chunk_size)
+        return _side_scores(clip, components, image_side)[:, :-1]
 
 
 def _side_scores(model: HFCLIP, components: torch.Tensor, other_side: torch.Tensor) -> torch.Tensor:
@@ -109,31 +198,32 @@ def _side_scores(model: HFCLIP, components: torch.Tensor, other_side: torch.Tens
 
 
 def _encoder_layer(
-    components: torch.Tensor, layer: CLIPEncoderLayer, attention_mask: torch.Tensor | None
+    components: torch.Tensor, layer: CLIPEncoderLayer, attention_mask: torch.Tensor | None, frozen: FrozenState
 ) -> torch.Tensor:
     """One pre-LN transformer block: attention and MLP residual branches with frozen state."""
     attention = layer.self_attn
-    normed = _layer_norm(components, layer.layer_norm1)
-    probabilities = _attention_probabilities(normed.sum(1), attention, attention_mask)
+    normed = _layer_norm(components, layer.layer_norm1, frozen)
+    probabilities = frozen.get(lambda: _attention_probabilities(normed.sum(1), attention, attention_mask))
     values = rules.linear(normed, attention.v_proj.weight, attention.v_proj.bias)
     mixed = rules.attention_values(values, probabilities)
     components = components + rules.linear(mixed, attention.out_proj.weight, attention.out_proj.bias)
 
     mlp = layer.mlp
-    normed = _layer_norm(components, layer.layer_norm2)
+    normed = _layer_norm(components, layer.layer_norm2, frozen)
     hidden = rules.linear(normed, mlp.fc1.weight, mlp.fc1.bias)
-    gated = rules.gate(hidden, rules.activation_gate(hidden.sum(1), mlp.config.hidden_act))
+    gated = rules.gate(hidden, frozen.get(lambda: rules.activation_gate(hidden.sum(1), mlp.config.hidden_act)))
     return components + rules.linear(gated, mlp.fc2.weight, mlp.fc2.bias)
 
 
-def _layer_norm(components: torch.Tensor, layer: nn.LayerNorm) -> torch.Tensor:
+def _layer_norm(components: torch.Tensor, layer: nn.LayerNorm, frozen: FrozenState) -> torch.Tensor:
     """A LayerNorm with σ frozen at the full hidden state's."""
-    return rules.layer_norm(components, layer, rules.layer_norm_sigma(components.sum(1), layer))
+    sigma = frozen.get(lambda: rules.layer_norm_sigma(components.sum(1), layer))
+    return rules.layer_norm(components, layer, sigma)
 
 
-def _normalized(components: torch.Tensor) -> torch.Tensor:
+def _normalized(components: torch.Tensor, frozen: FrozenState) -> torch.Tensor:
     """L2 normalization with the full embedding's norm frozen."""
-    return rules.scale_by_norm(components, components.sum(1).norm(dim=-1, keepdim=True))
+    return rules.scale_by_norm(components, frozen.get(lambda: components.sum(1).norm(dim=-1, keepdim=True)))
 
 
 def _attention_probabilities(
