@@ -16,9 +16,16 @@ import torch
 from PIL import Image
 
 from cliptrace.evaluate.zeroshot import class_embeddings
-from cliptrace.explain.base import AttributionMethod, Explanation, patch_grid
-from cliptrace.explain.decomposition import ExactDecomposition, image_components, interaction, text_components
+from cliptrace.explain.base import AttributionMethod, Explanation, patch_grid, require_hf_clip
+from cliptrace.explain.decomposition import (
+    ExactDecomposition,
+    image_components,
+    interaction,
+    side_scores,
+    text_components,
+)
 from cliptrace.models.base import DualEncoder
+from cliptrace.models.hf_clip import HFCLIP
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a {}", "a photo of a {}.")
 
@@ -69,7 +76,8 @@ def explain(
 
     Returns:
         An :class:`Explanation`; ``text_map`` and ``tokens`` are set for caption targets when the method has a
-        text side, the constants and the interaction matrix for the decomposition.
+        text side and the model is an :class:`HFCLIP`, the constants and the interaction matrix for the
+        decomposition.
 
     Raises:
         ValueError: Neither or both of ``text`` and ``target_class``, counts that do not match the images, or
@@ -150,10 +158,11 @@ def _explain_batch(
 ) -> dict[str, torch.Tensor]:
     """The maps of one batch; the decomposition also yields its constants and interaction matrix."""
     if isinstance(attribution, ExactDecomposition):
+        require_hf_clip(model, "the exact decomposition")
         with torch.no_grad():
             image = image_components(model, pixels, chunk_size=attribution.chunk_size)
             if tokens is None:
-                scores = model.logit_scale.exp() * torch.einsum("bse,be->bs", image, target.to(image.dtype))
+                scores = side_scores(model, image, target)
                 return {
                     "image_map": scores[:, :-1].reshape(len(pixels), *patch_grid(model, pixels)),
                     "image_constant": scores[:, -1],
@@ -171,7 +180,7 @@ def _explain_batch(
                 "interaction": split,
             }
     maps = {"image_map": attribution.attribute_image(model, pixels, target).detach()}
-    if tokens is not None:
+    if tokens is not None and isinstance(model, HFCLIP):  # token-embedding maps need HF CLIP's text tower
         text_map = attribution.attribute_text(model, tokens["input_ids"], tokens["attention_mask"], image_side)
         if text_map is not None:
             maps["text_map"] = text_map.detach()

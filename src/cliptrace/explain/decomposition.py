@@ -178,7 +178,7 @@ class ExactDecomposition(AttributionMethod):
         """Patch contributions (B, gh, gw); the constant source's share is ``logit − map.sum()``."""
         clip = require_hf_clip(model, "the exact decomposition")
         components = image_components(clip, pixel_values, chunk_size=self.chunk_size)
-        scores = _side_scores(clip, components, text_side)
+        scores = side_scores(clip, components, text_side)
         return scores[:, :-1].reshape(-1, *patch_grid(clip, pixel_values))
 
     @torch.no_grad()
@@ -188,11 +188,11 @@ class ExactDecomposition(AttributionMethod):
         """Token contributions (B, L), zero at padding."""
         clip = require_hf_clip(model, "the exact decomposition")
         components = text_components(clip, input_ids, attention_mask, chunk_size=self.chunk_size)
-        return _side_scores(clip, components, image_side)[:, :-1]
+        return side_scores(clip, components, image_side)[:, :-1]
 
 
-def _side_scores(model: HFCLIP, components: torch.Tensor, other_side: torch.Tensor) -> torch.Tensor:
-    """``τ ⟨component_s, other_side⟩`` for every source, (B, S)."""
+def side_scores(model: HFCLIP, components: torch.Tensor, other_side: torch.Tensor) -> torch.Tensor:
+    """``τ ⟨component_s, other_side⟩`` for every source, (B, S): the logit split over one tower's sources."""
     other_side = other_side.to(components.dtype)
     return model.logit_scale.exp() * torch.einsum("bse,be->bs", components, other_side)
 
