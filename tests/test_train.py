@@ -191,14 +191,18 @@ def test_train_cli_reports_bad_input_without_traceback(small_world: Path, tmp_pa
 
 def test_demo_runs_end_to_end_and_replaces_only_an_earlier_demo(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    args = ["demo", "--out", str(out), "--n-images", "200", "--epochs", "1", "--no-progress"]
+    args = ["demo", "--out", str(out), "--n-images", "200", "--epochs", "2", "--save-every", "1", "--duplicates",
+            "2", "--mislabeled", "2", "--n-targets", "3", "--no-progress"]
     for _ in range(2):  # the second run replaces the first
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
     metrics = json.loads((out / "run" / "test_metrics.json").read_text())
     assert metrics["n_images"] == 20  # 10 % of 200 images are held out for test
     assert {"i2t_R@1", "t2i_R@1", "zeroshot_top1"} <= set(metrics)
-    assert str(out / "run") in result.output.replace("\n", "")
+    output = result.output.replace("\n", "")
+    assert str(out / "report" / "index.html") in output
+    assert "/2 (in the top 8" in output and "most self-influential training pairs" in output
+    assert len(list((out / "report" / "targets").glob("*.html"))) == 2 + 3  # planted originals + test images
     stranger = tmp_path / "mine"
     stranger.mkdir()
     refused = CliRunner().invoke(app, ["demo", "--out", str(stranger), "--n-images", "200", "--epochs", "1"])

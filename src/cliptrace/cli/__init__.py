@@ -7,8 +7,10 @@ import typer
 from cliptrace.cli.data import data_app
 from cliptrace.cli.evaluate import eval_command, retrieve_command
 from cliptrace.cli.explain import explain_command
+from cliptrace.cli.report import report_command
 from cliptrace.cli.shapes import shapes
-from cliptrace.cli.train import demo_command, train_command
+from cliptrace.cli.demo import demo_command
+from cliptrace.cli.train import train_command
 from cliptrace.cli.trak import trak_app
 
 app = typer.Typer(
@@ -36,5 +38,10 @@ app.command("retrieve", help="Query a model by eye: top-k images for a caption, 
 app.command("explain", help="Input attribution: which image patches and caption words drive a similarity.")(
     explain_command
 )
+app.command("report", help="Build the HTML report of a training run: model card, attributions, heatmaps.")(
+    report_command
+)
 app.add_typer(trak_app, name="trak", help="Data attribution with TRAK: which training pairs drive a judgment.")
-app.command("demo", help="Generate the shapes world, train a tiny CLIP on it and evaluate it.")(demo_command)
+app.command(
+    "demo", help="The whole pipeline on the shapes world: train, evaluate, attribute, explain, report."
+)(demo_command)

@@ -1,9 +1,7 @@
-"""``cliptrace train`` and ``cliptrace demo``."""
+"""``cliptrace train``."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +12,6 @@ from cliptrace.cli.errors import reported_errors
 from cliptrace.train.config import TrainConfig
 
 console = Console()
-DEMO_MARKER = "demo.json"
 
 
 def train_command(
@@ -66,42 +63,3 @@ def train_command(
         console.print(format_metrics_table(result.metrics))
     console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")
     console.print(f"final model: {result.model_dir}  ({len(result.checkpoints)} checkpoints)")
-
-
-def demo_command(
-    out: Annotated[Path, typer.Option(help="Directory for the dataset and the run (replaced if it holds an earlier demo).")] = Path("runs/demo"),
-    n_images: Annotated[int, typer.Option(help="Images in the shapes world.")] = 3000,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
-    seed: Annotated[int, typer.Option(help="Seed of the dataset and the training run.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-) -> None:
-    """Generate the shapes world, train a tiny CLIP on it, evaluate it on the held-out test split."""
-    from cliptrace.data.images import ImageLoader
-    from cliptrace.data.readers import load_records, select_split
-    from cliptrace.data.shapes import class_names, generate_shapes_world
-    from cliptrace.evaluate import evaluate, format_metrics_table
-    from cliptrace.models import load_model
-    from cliptrace.train import train
-
-    if out.exists():
-        if not (out / DEMO_MARKER).is_file():
-            raise typer.BadParameter(f"{out} exists and is not an earlier demo; choose another --out", param_hint="--out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / DEMO_MARKER).write_text(json.dumps({"n_images": n_images, "epochs": epochs, "seed": seed}) + "\n")
-
-    with reported_errors():
-        console.print(f"[bold]1/3[/bold] generating the shapes world ({n_images} images) in {out / 'data'}")
-        dataset = generate_shapes_world(out / "data", n_images=n_images, seed=seed, format="csv")
-        console.print("[bold]2/3[/bold] training a tiny CLIP")
-        config = TrainConfig(
-            data=str(dataset), out=str(out / "run"), preset="tiny", epochs=epochs, seed=seed, progress=progress
-        )
-        result = train(config)
-        console.print("[bold]3/3[/bold] evaluating on the held-out test split")
-        test_records = select_split(load_records(dataset), "test")
-        metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=class_names())
-    (result.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    console.print(format_metrics_table(metrics))
-    console.print(f"trained in {result.seconds:.0f} s; run saved to [bold]{result.run_dir}[/bold]")
-    console.print(f"test metrics: {result.run_dir / 'test_metrics.json'}")
