@@ -12,6 +12,7 @@ from cliptrace.cli.shapes import shapes
 from cliptrace.cli.demo import demo_command
 from cliptrace.cli.train import train_command
 from cliptrace.cli.trak import trak_app
+from cliptrace.cli.verify import verify_app
 
 app = typer.Typer(
     help="Train, evaluate and explain CLIP-style image-text models.",
@@ -41,6 +42,7 @@ app.command("explain", help="Input attribution: which image patches and caption 
 app.command("report", help="Build the HTML report of a training run: model card, attributions, heatmaps.")(
     report_command
 )
+app.add_typer(verify_app, name="verify", help="Is an attribution right? LDS and remove-and-retrain by retraining.")
 app.add_typer(trak_app, name="trak", help="Data attribution with TRAK: which training pairs drive a judgment.")
 app.command(
     "demo", help="The whole pipeline on the shapes world: train, evaluate, attribute, explain, report."

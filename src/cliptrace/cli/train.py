@@ -23,6 +23,7 @@ def train_command(
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the captions of a new model.")] = 1024,
     data_format: Annotated[str, typer.Option("--format", help="Dataset format, or auto.")] = "auto",
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
+    train_ids: Annotated[Optional[Path], typer.Option(help="File of record ids (one per line): train only on these.")] = None,
     eval_split: Annotated[str, typer.Option(help="Split evaluated after every epoch ('' to skip).")] = "val",
     epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
@@ -49,6 +50,7 @@ def train_command(
         config = TrainConfig(
             data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
             image_size=image_size, vocab_size=vocab_size, data_format=data_format, train_split=train_split,
+            train_ids=str(train_ids) if train_ids else None,
             eval_split=eval_split or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed,

@@ -24,6 +24,8 @@ class TrainConfig:
         vocab_size: Vocabulary size of the BPE tokenizer trained on the training captions of a new model.
         data_format: Dataset format, or "auto" to detect it from the path.
         train_split: Split to train on.
+        train_ids: A UTF-8 file of record ids, one per line: train only on these records of ``train_split`` (a
+            subset for counterfactual retraining); None trains on the whole split.
         eval_split: Split evaluated after every epoch; None or a split with no records skips it.
         epochs: Number of passes over the training split.
         batch_size: Global batch size (split evenly over devices); the last partial batch of an epoch is dropped.
@@ -52,6 +54,7 @@ class TrainConfig:
     vocab_size: int = 1024
     data_format: str = "auto"
     train_split: str = "train"
+    train_ids: str | None = None
     eval_split: str | None = "val"
     epochs: int = 10
     batch_size: int = 128

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from lightning.fabric import Fabric
+from lightning.fabric import Fabric, seed_everything
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -81,6 +81,33 @@ def _new_model(config: TrainConfig, train_records: list[Record]) -> DualEncoder:
     return HFCLIP.from_preset(config.preset, tokenizer, image_size=config.image_size)
 
 
+def _keep_ids(records: list[Record], path: Path, split: str) -> list[Record]:
+    """The records whose ids ``path`` lists (one per line), in dataset order.
+
+    Raises:
+        ValueError: The file names an id that is not in the split, or repeats one.
+    """
+    wanted = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"{path}: repeats a record id")
+    present = {record.id for record in records}
+    unknown = [record_id for record_id in wanted if record_id not in present]
+    if unknown:
+        raise ValueError(f"{path}: {len(unknown)} id(s) not in split {split!r}, e.g. {unknown[0]!r}")
+    keep = set(wanted)
+    return [record for record in records if record.id in keep]
+
+
+def initial_model(config: TrainConfig) -> DualEncoder:
+    """The model a run of ``config`` starts from, built exactly as :func:`train` builds it (same seed, tokenizer).
+
+    Training from a saved copy of it (``TrainConfig.model``) with the same settings reproduces the run.
+    """
+    train_records = select_split(load_records(config.data, format=config.data_format), config.train_split)
+    seed_everything(config.seed, verbose=False)
+    return _new_model(config, train_records)
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -117,6 +144,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
     records = load_records(config.data, format=config.data_format)
     train_records = select_split(records, config.train_split)
+    if config.train_ids is not None:
+        train_records = _keep_ids(train_records, Path(config.train_ids), config.train_split)
     eval_records = select_split(records, config.eval_split) if config.eval_split else []
     if len(train_records) < config.batch_size:
         raise ValueError(

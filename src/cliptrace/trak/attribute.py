@@ -30,7 +30,7 @@ from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
-from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint, stored_kernel
+from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_checkpoint, stored_kernel
 from cliptrace.trak.store import FeatureStore, write_json_atomic
 
 ModelSource = DualEncoder | str | Path
@@ -330,6 +330,7 @@ def attribute(
     target_split: str | None = "test",
     top_k: int = 10,
     full_scores: bool = True,
+    kernel: str = "trak",
     progress: bool = False,
 ) -> Attribution:
     """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
@@ -359,8 +360,12 @@ def attribute(
         target_split: Split of ``targets`` when it is a path.
         top_k: Proponents and opponents kept per target.
         full_scores: Also return the full n × t score matrix.
+        kernel: ``"trak"``, the kernel regression (XᵀX + λI)⁻¹; or ``"identity"``, plain projected-gradient dot
+            products ``Q̄ ⊙ XΦᵀ`` (TracIn-style, a baseline that TRAK's kernel improves on).
         progress: Show progress bars.
     """
+    if kernel not in ("trak", "identity"):
+        raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
     settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
                                    lambda_reg, batch_size, score_dtype, device, features, layer_dim, other_parameters)
     train_records = read_records(train, train_split)
@@ -381,7 +386,8 @@ def attribute(
         features, q = store.features(checkpoint_id)
         train_features.append(features)
         loss_weights.append(q)
-        kernels.append(stored_kernel(store, checkpoint_id))
+        kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
+                       else Kernel(torch.eye(features.shape[1], dtype=settings.torch_dtype)))
         batches = RecordBatches(checkpoint.model, target_records, loader, batch_size)
         chunks = list(batches.chunks(range(len(target_records))))
         parts = [record_features(checkpoint.featurizer, batches, chunk, [target_index[i] for i in chunk], device)[0]

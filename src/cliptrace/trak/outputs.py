@@ -109,6 +109,30 @@ def compute_bank(
     return EmbeddingBank(torch.cat(images), torch.cat(texts), torch.cat(indices).long())
 
 
+def clip_margins(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    bank_images: torch.Tensor,
+    bank_texts: torch.Tensor,
+    tau: torch.Tensor | float,
+    excluded: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of the CLIP margin of pairs (B, D) against a bank (K, D) of normalized embeddings.
+
+    Returns ``(τφ·ψ − logsumexp_k τφ·ψ_k, τφ·ψ − logsumexp_k τφ_k·ψ)``, each (B,); ``excluded`` (B, K) leaves
+    bank entries out of a row (a pair that is itself in the bank).
+    """
+    bank_images = bank_images.to(image_embeddings.dtype)
+    bank_texts = bank_texts.to(image_embeddings.dtype)
+    positive = tau * (image_embeddings * text_embeddings).sum(-1)
+    to_texts = tau * image_embeddings @ bank_texts.T
+    to_images = tau * text_embeddings @ bank_images.T
+    if excluded is not None:
+        to_texts = to_texts.masked_fill(excluded, float("-inf"))
+        to_images = to_images.masked_fill(excluded, float("-inf"))
+    return positive - torch.logsumexp(to_texts, -1), positive - torch.logsumexp(to_images, -1)
+
+
 class ClipMargin(ModelOutput):
     r"""The symmetric CLIP margin against a fixed, detached negative bank.
 
@@ -234,13 +258,9 @@ class ClipMargin(ModelOutput):
         image_embeddings, text_embeddings, scale = clip_embed(module, params, images, texts)
         tau = scale if self.temperature is None else torch.as_tensor(self.temperature, dtype=image_embeddings.dtype)
         bank = self.bank.to(image_embeddings.device)
-        bank_images = bank.image_embeddings.to(image_embeddings.dtype)
-        bank_texts = bank.text_embeddings.to(image_embeddings.dtype)
         excluded = indices.reshape(-1, 1) == bank.indices.reshape(1, -1)
-        positive = tau * (image_embeddings * text_embeddings).sum(-1)
-        to_texts = (tau * image_embeddings @ bank_texts.T).masked_fill(excluded, float("-inf"))
-        to_images = (tau * text_embeddings @ bank_images.T).masked_fill(excluded, float("-inf"))
-        return positive - torch.logsumexp(to_texts, -1), positive - torch.logsumexp(to_images, -1)
+        return clip_margins(image_embeddings, text_embeddings, bank.image_embeddings, bank.text_embeddings, tau,
+                            excluded)
 
     def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
         images, texts = example
