@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from cliptrace.stats import average_ranks, spearman
+from cliptrace.stats import average_ranks, bootstrap_ci, spearman
 
 
 def _counted_ranks(values: list[float]) -> list[float]:
@@ -58,3 +59,62 @@ def test_spearman_without_ties_is_the_rank_difference_formula() -> None:
     torch.testing.assert_close(spearman(a, b), (1 - 6 * (d**2).sum() / (n * (n**2 - 1))).double())
     assert math.isnan(spearman(a, torch.ones(30)))
     assert math.isnan(spearman(torch.ones(30), a))
+
+
+# ---------------------------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_estimate_drops_nans_and_the_interval_contains_it() -> None:
+    values = np.array([0.3, np.nan, -0.1, 0.8, 0.25, np.nan, 0.4, 0.05])
+    kept = [v for v in values.tolist() if v == v]
+    estimate, low, high = bootstrap_ci(values)
+    assert estimate == pytest.approx(sum(kept) / len(kept))
+    assert min(kept) <= low < estimate < high <= max(kept)
+    median, _, _ = bootstrap_ci(values, statistic=np.median)
+    ordered = sorted(kept)  # six values: the median is the mean of the third and fourth
+    assert median == pytest.approx((ordered[2] + ordered[3]) / 2)
+
+
+def test_bootstrap_of_two_values_follows_the_resampled_mean_distribution() -> None:
+    # Resampled means of {0, 1} with n = 2 are 0, 1/2, 1 with probabilities 1/4, 1/2, 1/4.
+    assert bootstrap_ci(np.array([0.0, 1.0]), confidence=0.95) == (0.5, 0.0, 1.0)
+    assert bootstrap_ci(np.array([0.0, 1.0]), confidence=0.4) == (0.5, 0.5, 0.5)
+    assert bootstrap_ci(torch.full((5,), 2.5)) == (2.5, 2.5, 2.5)
+
+
+def test_bootstrap_is_seeded_and_leaves_global_random_state_alone() -> None:
+    values = torch.randn(40, generator=torch.Generator().manual_seed(1))
+    numpy_state, torch_state = np.random.get_state()[1].copy(), torch.random.get_rng_state().clone()
+    first = bootstrap_ci(values, seed=3)
+    assert np.array_equal(np.random.get_state()[1], numpy_state)
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    np.random.seed(123)
+    torch.manual_seed(123)
+    assert bootstrap_ci(values, seed=3) == first
+    assert bootstrap_ci(values.numpy(), seed=3) == first
+    assert bootstrap_ci(values, seed=4) != first
+
+
+def test_bootstrap_interval_shrinks_like_one_over_root_n() -> None:
+    rng = np.random.default_rng(5)
+    widths = {}
+    for n in (25, 2500):
+        values = rng.normal(size=n)
+        _, low, high = bootstrap_ci(values, n_resamples=2000)
+        widths[n] = high - low
+        normal_width = 2 * 1.959964 * values.std() / math.sqrt(n)  # the mean's normal-theory 95% interval
+        assert widths[n] == pytest.approx(normal_width, rel=0.2)
+    assert widths[2500] < widths[25] / 5
+
+
+def test_bootstrap_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="all 3 values are NaN"):
+        bootstrap_ci(np.full(3, np.nan))
+    with pytest.raises(ValueError, match="no values left"):
+        bootstrap_ci(np.array([]))
+    with pytest.raises(ValueError, match=r"1-D.*\(2, 3\)"):
+        bootstrap_ci(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="confidence"):
+        bootstrap_ci(np.ones(3), confidence=1.0)
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_ci(np.ones(3), n_resamples=0)

@@ -34,3 +34,46 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ranks_b = ranks_b - ranks_b.mean(dim=-1, keepdim=True)
     covariance = (ranks_a * ranks_b).sum(-1)
     return covariance / ((ranks_a**2).sum(-1) * (ranks_b**2).sum(-1)).sqrt()
+
+
+def bootstrap_ci(
+    values: np.ndarray | torch.Tensor,
+    *,
+    statistic: Statistic = np.mean,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap interval of ``statistic`` over the items of a 1-D array.
+
+    NaN items are dropped first. Each resample draws as many items as are left, with replacement, from
+    ``np.random.default_rng(seed)``; no global random state is used or changed.
+
+    Args:
+        values: One value per item, shape (n,); a numpy array or a torch tensor.
+        statistic: Maps a 1-D float64 array to a number; applied to the values and to each resample.
+        n_resamples: Number of resamples.
+        confidence: Coverage of the interval, strictly between 0 and 1.
+        seed: Seeds the resampling.
+
+    Returns:
+        ``(estimate, low, high)``: the statistic of the values and the ends of the percentile interval.
+
+    Raises:
+        ValueError: ``values`` is not 1-D, every value is NaN (or there are none), or an argument is out of range.
+    """
+    data = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    if data.ndim != 1:
+        raise ValueError(f"values must be 1-D (one value per item), got shape {tuple(data.shape)}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    data = data[~np.isnan(data)]
+    if data.size == 0:
+        raise ValueError(f"no values left to bootstrap: all {len(values)} values are NaN (or there are none)")
+    rng = np.random.default_rng(seed)
+    resampled = np.array([statistic(data[rng.integers(0, data.size, data.size)]) for _ in range(n_resamples)])
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return float(statistic(data)), float(low), float(high)
