@@ -23,7 +23,7 @@ from torch import nn
 
 from cliptrace.explain.base import Explanation, image_logit, require_hf_clip, to_patches, to_pixels
 from cliptrace.models.base import DualEncoder
-from cliptrace.stats import average_ranks, spearman  # noqa: F401  (average_ranks: kept importable from here)
+from cliptrace.stats import spearman
 
 Mode = Literal["deletion", "insertion"]
 Level = Literal["patch", "pixel"]

@@ -72,11 +72,14 @@ class Plan:
     keep_models: bool = False
 
     def train_config(self, directory: Path, job: Job) -> TrainConfig:
-        """The settings of ``job``: the run's, starting from ``init/``, on the job's records, without evaluation."""
+        """The settings of ``job``: the run's, from ``init/``, on the job's records, no evaluation.
+
+        A checkpoint is kept after every epoch (the newest only), so a killed job resumes from its last epoch.
+        """
         ids_file = directory / "jobs" / job.name / "train_ids.txt"
         return dataclasses.replace(
             TrainConfig(**self.config), out=str(directory / "jobs" / job.name / "run"), model=str(directory / "init"),
-            train_ids=str(ids_file), eval_split=None, save_every=self.config["epochs"], keep_checkpoints=1,
+            train_ids=str(ids_file), eval_split=None, save_every=1, keep_checkpoints=1,
             progress=False,
         )
 

@@ -1,0 +1,164 @@
+"""Counterfactual retraining: deterministic, cached and resumable jobs; LDS and remove-and-retrain end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cliptrace.cli import app
+from cliptrace.data.readers import load_records
+from cliptrace.data.shapes import generate_shapes_world
+from cliptrace.models import load_model
+from cliptrace.train import TrainConfig, train
+from cliptrace.verify.experiments import FULL, linear_datamodeling, remove_and_retrain, subset_jobs
+from cliptrace.verify.methods import embedding_similarity, method_scores
+from cliptrace.verify.retrain import Job, create_plan, load_outputs, output_path, run_jobs, target_outputs
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 48-image shapes world at 32 px and a 2-epoch tiny run on it with 2 checkpoints."""
+    root = tmp_path_factory.mktemp("verify")
+    world = generate_shapes_world(root / "world", n_images=48, seed=2, image_size=32)
+    train(TrainConfig(data=str(world), out=str(root / "run"), preset="tiny", image_size=32, vocab_size=300, epochs=2,
+                      batch_size=8, warmup_steps=1, save_every=1, eval_split=None, progress=False))
+    return root / "run"
+
+
+def records_by_id(run: Path) -> dict:
+    return {record.id: record for record in load_records(TrainConfig.load(run / "config.json").data)}
+
+
+def test_retraining_on_every_pair_reproduces_the_run_and_is_cached(run, tmp_path):
+    plan = create_plan(tmp_path / "v", run, n_targets=3, bank_size=4)
+    assert create_plan(tmp_path / "v", run, n_targets=3, bank_size=4) == plan  # reopened, not rebuilt
+    run_jobs(tmp_path / "v", [Job(FULL, plan.train_ids)])
+    by_id = records_by_id(run)
+    expected = target_outputs(load_model(run / "model"), [by_id[i] for i in plan.target_ids],
+                              [by_id[i] for i in plan.bank_ids])
+    outputs = load_outputs(tmp_path / "v", [FULL])
+    np.testing.assert_array_equal(outputs["margin"][0], expected["margin"])  # same seed, same weights
+    np.testing.assert_array_equal(outputs["logit"][0], expected["logit"])
+    stamp = output_path(tmp_path / "v", FULL).stat().st_mtime_ns
+    run_jobs(tmp_path / "v", [Job(FULL, plan.train_ids)])
+    assert output_path(tmp_path / "v", FULL).stat().st_mtime_ns == stamp
+    assert not (tmp_path / "v" / "jobs").exists() or not any((tmp_path / "v" / "jobs").iterdir())
+
+
+def test_target_outputs_are_the_clip_margin_against_the_bank(run):
+    by_id = records_by_id(run)
+    model = load_model(run / "model")
+    targets, bank = list(by_id.values())[:3], list(by_id.values())[10:15]
+    outputs = target_outputs(model, targets, bank)
+    with torch.no_grad():
+        def embed(records):
+            pixels = torch.stack([model.preprocess(__import__("PIL.Image").Image.open(r.image)) for r in records])
+            return model.encode_image(pixels), model.encode_text(**model.tokenize([r.captions[0] for r in records]))
+        phi, psi = embed(targets)
+        bank_phi, bank_psi = embed(bank)
+    tau = float(model.logit_scale.detach().exp())
+    for j in range(3):
+        positive = tau * float(phi[j] @ psi[j])
+        image_side = positive - np.log(sum(np.exp(tau * float(phi[j] @ b)) for b in bank_psi))
+        text_side = positive - np.log(sum(np.exp(tau * float(b @ psi[j])) for b in bank_phi))
+        assert outputs["margin"][j] == pytest.approx(image_side + text_side, rel=1e-4, abs=1e-4)
+        assert outputs["logit"][j] == pytest.approx(positive, rel=1e-5, abs=1e-5)
+
+
+def test_a_job_killed_after_its_first_epoch_resumes_to_the_same_outputs(run, tmp_path, monkeypatch):
+    from cliptrace.train import loop
+
+    plan = create_plan(tmp_path / "v", run, n_targets=2, bank_size=4)
+    job = Job("half", plan.train_ids[::2])
+    run_jobs(tmp_path / "v", [job])
+    reference = load_outputs(tmp_path / "v", ["half"])
+    output_path(tmp_path / "v", "half").unlink()
+
+    original = loop.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise RuntimeError("killed after the first checkpoint")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_jobs(tmp_path / "v", [job])
+    monkeypatch.setattr(loop, "save_checkpoint", original)
+    assert not output_path(tmp_path / "v", "half").exists()
+    assert [p.name for p in (tmp_path / "v" / "jobs" / "half" / "run" / "checkpoints").iterdir()] == ["epoch-0001"]
+    run_jobs(tmp_path / "v", [job])
+    np.testing.assert_array_equal(load_outputs(tmp_path / "v", ["half"])["margin"], reference["margin"])
+
+
+def test_jobs_refuse_records_outside_the_training_set(run, tmp_path):
+    create_plan(tmp_path / "v", run, n_targets=2, bank_size=4)
+    with pytest.raises(ValueError, match="not in the run's training set"):
+        run_jobs(tmp_path / "v", [Job("bad", ("no-such-record",))])
+    with pytest.raises(ValueError, match="other settings"):
+        create_plan(tmp_path / "v", run, n_targets=3, bank_size=4)
+
+
+def test_embedding_similarity_is_the_sum_of_image_and_text_cosines(run):
+    by_id = records_by_id(run)
+    records = list(by_id.values())
+    model = load_model(run / "model")
+    scores = embedding_similarity(model, records[:5], records[5:7])
+    from cliptrace.data.images import ImageLoader
+    from cliptrace.evaluate.embed import embed_images, embed_texts
+
+    images = embed_images(model, records[:7], ImageLoader())
+    texts = embed_texts(model, [r.captions[0] for r in records[:7]])
+    for i in range(5):
+        for j in range(2):
+            expected = float(images[i] @ images[5 + j]) + float(texts[i] @ texts[5 + j])
+            assert scores[i, j] == pytest.approx(expected, abs=1e-5)
+
+
+def test_tracin_scores_are_loss_weighted_gradient_dot_products(run, tmp_path):
+    from cliptrace.trak.attribute import attribute
+
+    train_records = [r for r in records_by_id(run).values() if r.split == "train"]
+    targets = train_records[:3]  # training records: their features are rows of the store
+    result = attribute(run, train_records, targets, checkpoints=1, proj_dim=32, bank_size=8, batch_size=8,
+                       store_dir=tmp_path / "store", kernel="identity", full_scores=True, top_k=1)
+    folder = tmp_path / "store" / "checkpoints" / result.checkpoints[0]
+    x = torch.from_numpy(np.load(folder / "features.npy")).double()
+    q = torch.from_numpy(np.load(folder / "loss_weights.npy")).double()
+    expected = (q[:, None] * x @ x[:3].T).numpy()
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-6)
+    via_methods = method_scores("tracin", run, train_records, targets, proj_dim=32, bank_size=8, batch_size=8,
+                                store_dir=tmp_path / "store")
+    np.testing.assert_allclose(via_methods, result.scores, rtol=1e-6)
+
+
+def test_lds_and_removal_end_to_end(run, tmp_path):
+    directory = tmp_path / "v"
+    plan = create_plan(directory, run, n_targets=3, bank_size=4)
+    n = len(plan.train_ids)
+    rng = np.random.default_rng(0)
+    scores = {"random": rng.standard_normal((n, 3)), "planted": rng.standard_normal((n, 3))}
+    results = linear_datamodeling(directory, scores, n_models=4, alpha=0.5)
+    jobs, masks = subset_jobs(directory, 4, 0.5)
+    assert masks.shape == (4, n) and all(len(job.train_ids) == round(n / 2) for job in jobs)
+    assert -1 <= results["random"].mean <= 1
+    rows = remove_and_retrain(directory, {"random": scores["random"]}, targets=[0, 1], ks=(2, 4))
+    assert [(row["target"], row["k"]) for row in rows] == [(0, 2), (0, 4), (1, 2), (1, 4)]
+    outputs = load_outputs(directory, [FULL, "remove-random-t0-k2"])
+    assert rows[0]["drop_logit"] == pytest.approx(outputs["logit"][0, 0] - outputs["logit"][1, 0])
+
+
+def test_verify_cli_writes_lds_and_removal_tables(run, tmp_path):
+    directory = tmp_path / "v"
+    common = ["--dir", str(directory), "--n-targets", "3", "--proj-dim", "32", "--checkpoints", "2", "--no-progress"]
+    result = CliRunner().invoke(app, ["verify", "lds", str(run), "--models", "3", "--methods", "trak,embedding,random",
+                                      *common])
+    assert result.exit_code == 0, result.output
+    assert "trak" in result.output and (directory / "lds.json").is_file()
+    result = CliRunner().invoke(app, ["verify", "retrain", str(run), "--methods", "trak,random", "--targets", "1",
+                                      "--k", "3", *common])
+    assert result.exit_code == 0, result.output
+    assert (directory / "removal.csv").is_file() and (directory / "removal.png").is_file()
