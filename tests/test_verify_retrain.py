@@ -151,9 +151,11 @@ def test_lds_and_removal_end_to_end(run, tmp_path):
     assert rows[0]["drop_logit"] == pytest.approx(outputs["logit"][0, 0] - outputs["logit"][1, 0])
 
 
-def test_verify_cli_writes_lds_and_removal_tables(run, tmp_path):
-    directory = tmp_path / "v"
-    common = ["--dir", str(directory), "--n-targets", "3", "--proj-dim", "32", "--checkpoints", "2", "--no-progress"]
+def test_verify_cli_writes_lds_and_removal_tables_that_the_report_shows(run):
+    from cliptrace.report import build_report
+
+    directory = run / "verify"  # the default --dir, where the report looks
+    common = ["--n-targets", "3", "--proj-dim", "32", "--checkpoints", "2", "--no-progress"]
     result = CliRunner().invoke(app, ["verify", "lds", str(run), "--models", "3", "--methods", "trak,embedding,random",
                                       *common])
     assert result.exit_code == 0, result.output
@@ -162,3 +164,8 @@ def test_verify_cli_writes_lds_and_removal_tables(run, tmp_path):
                                       "--k", "3", *common])
     assert result.exit_code == 0, result.output
     assert (directory / "removal.csv").is_file() and (directory / "removal.png").is_file()
+    summary = build_report(run, n_targets=2, proj_dim=32, batch_size=8, top_k=2, self_influence_top=5,
+                           progress=False)
+    index = summary.index.read_text(encoding="utf-8")
+    assert "Linear datamodeling score over 3 models" in index and "assets/removal.png" in index
+    assert (summary.index.parent / "assets" / "removal.png").is_file()

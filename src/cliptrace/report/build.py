@@ -143,7 +143,7 @@ def build_report(
     (partial / "targets").mkdir(parents=True)
     pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(_planted_plan(data)))
     pages.index(data, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim, top_k,
-                _training_curve(run_dir, partial / "assets" / "training.png"))
+                _training_curve(run_dir, partial / "assets" / "training.png"), _verification(run_dir, partial))
     pages.target_lists(attribution)
     for number in track(range(len(attribution.targets)), description="Report pages", disable=not progress):
         pages.target(number, model, attribution, methods)
@@ -186,7 +186,7 @@ class _Pages:
 
     def index(self, data: Path, model: DualEncoder, run_dir: Path, metrics: dict, eval_split: str,
               attribution: Attribution, methods: Sequence[str], planted: Planted | None, proj_dim: int,
-              top_k: int, curve: Path | None) -> None:
+              top_k: int, curve: Path | None, verification: dict | None) -> None:
         config = _read_json(run_dir / "config.json") or {}
         splits = {split: len(select_split(load_records(data), split)) for split in ("train", "val", "test")}
         data_facts = [("dataset", str(data)), *[(f"{split} records", count) for split, count in splits.items()]]
@@ -197,7 +197,8 @@ class _Pages:
         self.render("index.html", "index.html", title="Model card", data_facts=data_facts, model_facts=model_facts,
                     metric_facts=_metric_facts(metrics), eval_split=eval_split, planted=planted, top_k=top_k,
                     curve=None if curve is None else "assets/training.png", n_train=len(attribution.train),
-                    checkpoints=attribution.checkpoints, proj_dim=proj_dim, methods=methods)
+                    checkpoints=attribution.checkpoints, proj_dim=proj_dim, methods=methods,
+                    verification=verification)
 
     def target_lists(self, attribution: Attribution) -> None:
         count = len(attribution.targets)
@@ -308,6 +309,19 @@ def _training_curve(run_dir: Path, path: Path) -> Path | None:
     figure.tight_layout()
     save_figure(figure, path)
     return path
+
+
+def _verification(run_dir: Path, folder: Path) -> dict | None:
+    """The results of ``cliptrace verify`` in ``RUN/verify`` (LDS table, removal plot), when it was run."""
+    directory = run_dir / "verify"
+    lds = _read_json(directory / "lds.json")
+    plot = directory / "removal.png"
+    if lds is None and not plot.is_file():
+        return None
+    if plot.is_file():
+        (folder / "assets").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(plot, folder / "assets" / "removal.png")
+    return {"lds": lds, "removal": "assets/removal.png" if plot.is_file() else None}
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
