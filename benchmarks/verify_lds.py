@@ -122,7 +122,8 @@ def main() -> None:
             mine = [row for row in rows if row["method"] == name and row["k"] == k]
             for key in ("drop_logit", "drop_margin"):
                 values = np.array([row[key] for row in mine])
-                print(f"  {name:10s} k={k:3d} {key:12s} {values.mean():+.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}")
+                error = values.std(ddof=1) / np.sqrt(len(values))
+                print(f"  {name:10s} k={k:3d} {key:12s} {values.mean():+.3f} ± {error:.3f}")
     print("\nTimings (s):", json.dumps({key: round(value, 1) for key, value in timings.items()}, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"table": table, "levers": levers, "by_m": by_m, "removal": rows,

@@ -43,7 +43,8 @@ def demo_command(
 
     if out.exists():
         if not (out / DEMO_MARKER).is_file():
-            raise typer.BadParameter(f"{out} exists and is not an earlier demo; choose another --out", param_hint="--out")
+            raise typer.BadParameter(f"{out} exists and is not an earlier demo; choose another --out",
+                                     param_hint="--out")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     settings = {"n_images": n_images, "duplicates": duplicates, "mislabeled": mislabeled, "epochs": epochs,

@@ -75,7 +75,8 @@ def lds_command(
         table.add_row(name, f"{result.mean:.3f}", f"[{result.low:.3f}, {result.high:.3f}]",
                       f"{result.n_targets - result.n_undefined}")
     console.print(table)
-    summary = {name: {"lds": result.mean, "low": result.low, "high": result.high, "per_target": list(map(float, result.per_target))}
+    summary = {name: {"lds": result.mean, "low": result.low, "high": result.high,
+                      "per_target": [float(value) for value in result.per_target]}
                for name, result in results.items()}
     (directory / "lds.json").write_text(json.dumps({"models": models, "alpha": alpha, "output": output,
                                                     "results": summary}, indent=1) + "\n")

@@ -37,7 +37,7 @@ class ImageTransform:
     def resize_crop(
         self, image: Image.Image, resample: Image.Resampling = Image.Resampling.BICUBIC
     ) -> Image.Image:
-        """The geometric part alone: resize the shorter side to ``size`` and center-crop (``NEAREST`` for label maps)."""
+        """The geometric step alone: resize the shorter side to ``size``, center-crop (``NEAREST`` for label maps)."""
         width, height = image.size
         scale = self.size / min(width, height)
         new_w, new_h = max(self.size, round(width * scale)), max(self.size, round(height * scale))

@@ -230,10 +230,10 @@ class _Pages:
             ("Top proponents", "proponents", attribution.top.proponents, attribution.top.proponent_scores),
             ("Top opponents", "opponents", attribution.top.opponents, attribution.top.opponent_scores),
         ):
-            pairs = [{"id": attribution.train[i].id, "caption": attribution.train[i].captions[0],
-                      "image": self.thumbnail(attribution.train[i], "../"), "badge": self.badges.get(attribution.train[i].id),
-                      "score": float(score)}
-                     for i, score in zip(indices[number].tolist(), scores[number].tolist())]
+            pairs = [{"id": record.id, "caption": record.captions[0], "image": self.thumbnail(record, "../"),
+                      "badge": self.badges.get(record.id), "score": float(score)}
+                     for record, score in zip((attribution.train[i] for i in indices[number].tolist()),
+                                              scores[number].tolist())]
             groups.append((title, kind, pairs))
         count = len(attribution.targets)
         self.render(f"targets/{number + 1}.html", "target.html", root="../", title=f"Target {number + 1}",
