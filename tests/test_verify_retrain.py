@@ -118,19 +118,21 @@ def test_embedding_similarity_is_the_sum_of_image_and_text_cosines(run):
             assert scores[i, j] == pytest.approx(expected, abs=1e-5)
 
 
-def test_tracin_scores_are_loss_weighted_gradient_dot_products(run, tmp_path):
+@pytest.mark.parametrize("proj_dim", [32, 64], ids=["k<n", "k>n"])
+def test_tracin_scores_are_loss_weighted_gradient_dot_products(run, tmp_path, proj_dim):
     from cliptrace.trak.attribute import attribute
 
     train_records = [r for r in records_by_id(run).values() if r.split == "train"]
     targets = train_records[:3]  # training records: their features are rows of the store
-    result = attribute(run, train_records, targets, checkpoints=1, proj_dim=32, bank_size=8, batch_size=8,
+    assert 32 < len(train_records) < 64
+    result = attribute(run, train_records, targets, checkpoints=1, proj_dim=proj_dim, bank_size=8, batch_size=8,
                        store_dir=tmp_path / "store", kernel="identity", full_scores=True, top_k=1)
     folder = tmp_path / "store" / "checkpoints" / result.checkpoints[0]
     x = torch.from_numpy(np.load(folder / "features.npy")).double()
     q = torch.from_numpy(np.load(folder / "loss_weights.npy")).double()
     expected = (q[:, None] * x @ x[:3].T).numpy()
     np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-6)
-    via_methods = method_scores("tracin", run, train_records, targets, proj_dim=32, bank_size=8, batch_size=8,
+    via_methods = method_scores("tracin", run, train_records, targets, proj_dim=proj_dim, bank_size=8, batch_size=8,
                                 store_dir=tmp_path / "store")
     np.testing.assert_allclose(via_methods, result.scores, rtol=1e-6)
 

@@ -30,7 +30,7 @@ from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
-from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_checkpoint, stored_kernel
+from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
 from cliptrace.trak.store import FeatureStore, write_json_atomic
 
 ModelSource = DualEncoder | str | Path
@@ -387,7 +387,7 @@ def attribute(
         train_features.append(features)
         loss_weights.append(q)
         kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
-                       else Kernel(torch.eye(features.shape[1], dtype=settings.torch_dtype)))
+                       else identity_kernel(features, settings.torch_dtype))
         batches = RecordBatches(checkpoint.model, target_records, loader, batch_size)
         chunks = list(batches.chunks(range(len(target_records))))
         parts = [record_features(checkpoint.featurizer, batches, chunk, [target_index[i] for i in chunk], device)[0]

@@ -177,6 +177,15 @@ def solve_kernel(
     return Kernel(torch.cholesky_solve(x, _cholesky(system, "XXᵀ", lambda_reg)).cpu())
 
 
+def identity_kernel(features: Rows, dtype: torch.dtype = torch.float32) -> Kernel:
+    """A :class:`Kernel` without the regression: scores become plain feature dot products ``XΦᵀ`` (TracIn-style).
+
+    The identity factor when k ≤ n; when k > n, W = X itself.
+    """
+    n, k = features.shape
+    return Kernel(torch.eye(k, dtype=dtype) if k <= n else read_rows(features, 0, n).to(dtype))
+
+
 def solve_checkpoint(
     store: FeatureStore,
     checkpoint: str,
