@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cliptrace.data.readers import load_records
+from cliptrace.stats import bootstrap_ci
 from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import linear_datamodeling, remove_and_retrain, removal_plot, subset_jobs
 from cliptrace.verify.methods import method_scores
@@ -32,6 +33,10 @@ from cliptrace.verify.retrain import create_plan, load_outputs
 
 def ints(text: str) -> list[int]:
     return [int(value) for value in text.split(",") if value.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(value) for value in text.split(",") if value.strip()]
 
 
 def main() -> None:
@@ -43,7 +48,9 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=60)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--proj-dim", type=int, default=1024)
-    parser.add_argument("--checkpoints", type=int, default=4, help="TRAK ensemble size of the main table")
+    parser.add_argument("--checkpoints", type=int, default=8, help="TRAK ensemble size of the main table")
+    parser.add_argument("--lambda-reg", type=float, default=0.0, help="TRAK's ridge term in the main table")
+    parser.add_argument("--lambda-grid", type=floats, default=[0.0, 2000.0, 20000.0])
     parser.add_argument("--checkpoint-grid", type=ints, default=[1, 2, 4, 8])
     parser.add_argument("--proj-grid", type=ints, default=[256, 1024, 4096])
     parser.add_argument("--exact-checkpoint-grid", type=ints, default=[1, 2, 4])
@@ -71,17 +78,24 @@ def main() -> None:
     outputs = load_outputs(args.dir, [job.name for job in jobs])["margin"]
 
     def scores(method: str, features: str = "factored", checkpoints: int = args.checkpoints,
-               proj_dim: int = args.proj_dim) -> np.ndarray:
-        store = args.dir / "stores" / f"{features}-{proj_dim}"
+               proj_dim: int = args.proj_dim, lambda_reg: float = args.lambda_reg) -> np.ndarray:
+        store = args.dir / "stores" / f"{features}-{proj_dim}-{lambda_reg:g}"
         began = time.perf_counter()
         matrix = method_scores(method, args.run, train, targets, checkpoints=checkpoints, proj_dim=proj_dim,
-                               features=features, seed=args.seed, store_dir=store, progress=True)
-        timings[f"{method} {features} K={checkpoints} k={proj_dim}"] = time.perf_counter() - began
+                               features=features, lambda_reg=lambda_reg, seed=args.seed, store_dir=store,
+                               progress=True)
+        timings[f"{method} {features} K={checkpoints} k={proj_dim} λ={lambda_reg:g}"] = time.perf_counter() - began
         return matrix
 
     def lds(matrix: np.ndarray, models: int = args.models) -> dict:
         result = linear_datamodeling_score(matrix, masks[:models], outputs[:models], seed=args.seed)
-        return {"lds": result.mean, "low": result.low, "high": result.high, "text": str(result)}
+        return {"lds": result.mean, "low": result.low, "high": result.high, "text": str(result),
+                "per_target": result.per_target}
+
+    def paired(first: dict, second: dict) -> str:
+        """Mean per-target LDS difference with a bootstrap CI over targets (both scored on the same models)."""
+        mean, low, high = bootstrap_ci(first["per_target"] - second["per_target"], seed=args.seed)
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
     table: dict[str, dict] = {}
     main_scores = {"trak": scores("trak"), "tracin": scores("tracin"), "embedding": scores("embedding"),
@@ -92,18 +106,24 @@ def main() -> None:
           f"{len(plan.bank_ids)} held-out pairs; TRAK: factored, K={args.checkpoints}, k={args.proj_dim})")
     for name, row in table.items():
         print(f"  {name:10s} {row['text']}")
+    for first, second in (("trak", "embedding"), ("trak", "tracin"), ("embedding", "random"), ("tracin", "random")):
+        print(f"  paired difference {first} − {second}: {paired(table[first], table[second])}")
 
     levers: dict[str, dict] = {}
+    for lambda_reg in args.lambda_grid:
+        levers[f"factored K={args.checkpoints} k={args.proj_dim} λ={lambda_reg:g}"] = lds(
+            scores("trak", "factored", args.checkpoints, args.proj_dim, lambda_reg))
     for features, checkpoint_grid, proj_grid in (("factored", args.checkpoint_grid, args.proj_grid),
                                                  ("exact", args.exact_checkpoint_grid, args.exact_proj_grid)):
         for checkpoints in checkpoint_grid:
-            levers[f"{features} K={checkpoints} k={args.proj_dim}"] = lds(scores("trak", features, checkpoints))
+            levers[f"{features} K={checkpoints} k={args.proj_dim} λ={args.lambda_reg:g}"] = lds(
+                scores("trak", features, checkpoints))
         for proj_dim in proj_grid:
             if proj_dim != args.proj_dim:
-                levers[f"{features} K=1 k={proj_dim}"] = lds(scores("trak", features, 1, proj_dim))
+                levers[f"{features} K=1 k={proj_dim} λ={args.lambda_reg:g}"] = lds(scores("trak", features, 1, proj_dim))
     print("\nLDS of TRAK vs checkpoints K and projection dimension k")
     for name, row in levers.items():
-        print(f"  {name:24s} {row['text']}")
+        print(f"  {name:32s} {row['text']}")
 
     by_m = {m: lds(main_scores["trak"], m) for m in args.m_grid if m <= args.models}
     print("\nLDS of TRAK vs the number of subset models M")
@@ -127,7 +147,7 @@ def main() -> None:
     print("\nTimings (s):", json.dumps({key: round(value, 1) for key, value in timings.items()}, indent=1))
     if args.json:
         args.json.write_text(json.dumps({"table": table, "levers": levers, "by_m": by_m, "removal": rows,
-                                         "timings": timings}, indent=1, default=float))
+                                         "timings": timings}, indent=1, default=lambda value: np.asarray(value).tolist()))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def method_scores(
     checkpoints: int | None = 3,
     proj_dim: int = 1024,
     features: str = "auto",
+    lambda_reg: float = 0.0,
     bank_size: int = 1024,
     batch_size: int = 32,
     seed: int = 0,
@@ -48,6 +49,7 @@ def method_scores(
         checkpoints: TRAK's ensemble size (the last K checkpoints; None: all).
         proj_dim: Projection dimension of the gradient methods.
         features: ``"factored"``, ``"exact"`` or ``"auto"`` gradient features.
+        lambda_reg: TRAK's ridge term λ (worth raising when the projection dimension nears the training-set size).
         bank_size: Negative-bank size of the CLIP margin.
         batch_size: Records featurized at once.
         seed: Seed of the projection, the bank and the random baseline.
@@ -64,7 +66,8 @@ def method_scores(
     if method not in ("trak", "tracin"):
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     result = attribute(run, list(train), list(targets), checkpoints=checkpoints if method == "trak" else 1,
-                       proj_dim=proj_dim, features=features, bank_size=bank_size, batch_size=batch_size, seed=seed,
+                       proj_dim=proj_dim, features=features, lambda_reg=lambda_reg, bank_size=bank_size,
+                       batch_size=batch_size, seed=seed,
                        store_dir=store_dir, full_scores=True, top_k=1,
                        kernel="trak" if method == "trak" else "identity", progress=progress)
     return np.asarray(result.scores, dtype=np.float64)
