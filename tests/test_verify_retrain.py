@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from cliptrace.cli import app
@@ -14,6 +15,7 @@ from cliptrace.data.readers import load_records
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, train
+from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import FULL, linear_datamodeling, remove_and_retrain, subset_jobs
 from cliptrace.verify.methods import embedding_similarity, method_scores
 from cliptrace.verify.retrain import Job, create_plan, load_outputs, output_path, run_jobs, target_outputs
@@ -54,10 +56,11 @@ def test_target_outputs_are_the_clip_margin_against_the_bank(run):
     model = load_model(run / "model")
     targets, bank = list(by_id.values())[:3], list(by_id.values())[10:15]
     outputs = target_outputs(model, targets, bank)
+    def embed(records):
+        pixels = torch.stack([model.preprocess(Image.open(r.image)) for r in records])
+        return model.encode_image(pixels), model.encode_text(**model.tokenize([r.captions[0] for r in records]))
+
     with torch.no_grad():
-        def embed(records):
-            pixels = torch.stack([model.preprocess(__import__("PIL.Image").Image.open(r.image)) for r in records])
-            return model.encode_image(pixels), model.encode_text(**model.tokenize([r.captions[0] for r in records]))
         phi, psi = embed(targets)
         bank_phi, bank_psi = embed(bank)
     tau = float(model.logit_scale.detach().exp())
@@ -141,12 +144,15 @@ def test_lds_and_removal_end_to_end(run, tmp_path):
     directory = tmp_path / "v"
     plan = create_plan(directory, run, n_targets=3, bank_size=4)
     n = len(plan.train_ids)
-    rng = np.random.default_rng(0)
-    scores = {"random": rng.standard_normal((n, 3)), "planted": rng.standard_normal((n, 3))}
+    scores = {"random": np.random.default_rng(0).standard_normal((n, 3))}
     results = linear_datamodeling(directory, scores, n_models=4, alpha=0.5)
     jobs, masks = subset_jobs(directory, 4, 0.5)
-    assert masks.shape == (4, n) and all(len(job.train_ids) == round(n / 2) for job in jobs)
-    assert -1 <= results["random"].mean <= 1
+    ids = np.array(plan.train_ids, dtype=object)
+    assert masks.shape == (4, n)
+    assert [set(job.train_ids) for job in jobs] == [set(ids[mask]) for mask in masks]  # job m trains on mask m
+    margins = load_outputs(directory, [job.name for job in jobs])["margin"]
+    direct = linear_datamodeling_score(scores["random"], masks, margins)
+    np.testing.assert_array_equal(results["random"].per_target, direct.per_target)
     rows = remove_and_retrain(directory, {"random": scores["random"]}, targets=[0, 1], ks=(2, 4))
     assert [(row["target"], row["k"]) for row in rows] == [(0, 2), (0, 4), (1, 2), (1, 4)]
     outputs = load_outputs(directory, [FULL, "remove-random-t0-k2"])
