@@ -142,8 +142,9 @@ def build_report(
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "targets").mkdir(parents=True)
     pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(_planted_plan(data)))
-    pages.index(data, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim, top_k,
-                _training_curve(run_dir, partial / "assets" / "training.png"), _verification(run_dir, partial))
+    split_counts = {split: len(select_split(records, split)) for split in ("train", "val", "test")}
+    pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim,
+                top_k, _training_curve(run_dir, partial / "assets" / "training.png"), _verification(run_dir, partial))
     pages.target_lists(attribution)
     for number in track(range(len(attribution.targets)), description="Report pages", disable=not progress):
         pages.target(number, model, attribution, methods)
@@ -184,12 +185,11 @@ class _Pages:
             self.written.add(name)
         return root + name
 
-    def index(self, data: Path, model: DualEncoder, run_dir: Path, metrics: dict, eval_split: str,
-              attribution: Attribution, methods: Sequence[str], planted: Planted | None, proj_dim: int,
-              top_k: int, curve: Path | None, verification: dict | None) -> None:
+    def index(self, data: Path, split_counts: dict[str, int], model: DualEncoder, run_dir: Path, metrics: dict,
+              eval_split: str, attribution: Attribution, methods: Sequence[str], planted: Planted | None,
+              proj_dim: int, top_k: int, curve: Path | None, verification: dict | None) -> None:
         config = _read_json(run_dir / "config.json") or {}
-        splits = {split: len(select_split(load_records(data), split)) for split in ("train", "val", "test")}
-        data_facts = [("dataset", str(data)), *[(f"{split} records", count) for split, count in splits.items()]]
+        data_facts = [("dataset", str(data)), *[(f"{split} records", count) for split, count in split_counts.items()]]
         model_facts = [("adapter", type(model).__name__),
                        ("parameters", f"{sum(p.numel() for p in model.parameters()):,}"),
                        *[(key, config[key]) for key in ("preset", "model", "epochs", "batch_size", "lr", "seed")
