@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,18 @@ def test_verify_cli_writes_lds_and_removal_tables_that_the_report_shows(run):
     index = summary.index.read_text(encoding="utf-8")
     assert "Linear datamodeling score over 3 models" in index and "assets/removal.png" in index
     assert (summary.index.parent / "assets" / "removal.png").is_file()
+
+
+def test_an_ensemble_can_take_checkpoints_of_another_run_but_not_two_of_one_name(run, tmp_path):
+    from cliptrace.trak.attribute import resolve_checkpoints
+
+    other = tmp_path / "other" / "checkpoints" / "epoch-0002"
+    shutil.copytree(run / "checkpoints" / "epoch-0002", other)
+    renamed = tmp_path / "seed1-epoch-0002"
+    shutil.copytree(other, renamed)
+    chosen = resolve_checkpoints(run, ["epoch-0001", renamed])
+    assert chosen == [("epoch-0001", run / "checkpoints" / "epoch-0001"), ("seed1-epoch-0002", renamed)]
+    with pytest.raises(ValueError, match="share the name 'epoch-0002'"):
+        resolve_checkpoints(run, ["epoch-0002", other])  # a path is not silently replaced by this run's namesake
+    with pytest.raises(FileNotFoundError, match="epoch-0009"):
+        resolve_checkpoints(run, ["epoch-0009"])

@@ -150,7 +150,8 @@ def resolve_checkpoints(source: ModelSource, checkpoints: int | Sequence[str | P
     Args:
         source: A DualEncoder, a model directory, or a training-run directory from ``cliptrace train``.
         checkpoints: For a run: ``None`` (all of its checkpoints), an int K (its last K), or checkpoint
-            names/paths. Ignored for a single model.
+            names (of this run) and checkpoint directories (of any run, e.g. independently seeded ones, under
+            distinct directory names). Ignored for a single model.
     """
     if isinstance(source, DualEncoder):
         return [("model", source)]
@@ -173,10 +174,18 @@ def resolve_checkpoints(source: ModelSource, checkpoints: int | Sequence[str | P
         chosen = []
         for item in checkpoints:
             path = Path(item)
-            if path.name not in by_name and not path.is_dir():
+            if len(path.parts) > 1 and path.is_dir():  # a checkpoint directory, possibly of another run
+                chosen.append(path)
+            elif path.name in by_name:
+                chosen.append(by_name[path.name])
+            else:
                 raise FileNotFoundError(f"checkpoint {item!r} not found in {source / 'checkpoints'} "
                                         f"(have {', '.join(by_name)})")
-            chosen.append(by_name.get(path.name, path))
+    names = [path.name for path in chosen]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"checkpoints share the name {repeated[0]!r}; the ensemble keys features by directory "
+                         "name, so give checkpoints of different runs distinct names (e.g. links)")
     return [(path.name, path) for path in chosen]
 
 
