@@ -193,3 +193,10 @@ def test_an_ensemble_can_take_checkpoints_of_another_run_but_not_two_of_one_name
         resolve_checkpoints(run, ["epoch-0002", other])  # a path is not silently replaced by this run's namesake
     with pytest.raises(FileNotFoundError, match="epoch-0009"):
         resolve_checkpoints(run, ["epoch-0009"])
+
+
+def test_outputs_under_a_job_name_are_not_reused_for_other_records(run, tmp_path):
+    plan = create_plan(tmp_path / "v", run, n_targets=2, bank_size=4)
+    run_jobs(tmp_path / "v", [Job("top", plan.train_ids[:20])])
+    with pytest.raises(ValueError, match="run on other training records"):
+        run_jobs(tmp_path / "v", [Job("top", plan.train_ids[5:25])])

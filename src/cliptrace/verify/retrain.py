@@ -16,6 +16,7 @@ Training is deterministic for a given seed, so a job gives the same outputs when
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -180,7 +181,7 @@ def run_jobs(directory: str | Path, jobs: Sequence[Job], *, workers: int = 1, pr
         if unknown:
             raise ValueError(f"job {job.name!r}: {len(unknown)} record(s) not in the run's training set, "
                              f"e.g. {unknown[0]!r}")
-    missing = [job for job in jobs if not output_path(directory, job.name).is_file()]
+    missing = [job for job in jobs if not _finished(directory, job)]
     if not missing:
         return
     if workers <= 1:
@@ -192,6 +193,23 @@ def run_jobs(directory: str | Path, jobs: Sequence[Job], *, workers: int = 1, pr
         futures = [pool.submit(_run_job, directory, job) for job in missing]
         for future in track(futures, description="Retraining", disable=not progress):
             future.result()
+
+
+def _finished(directory: Path, job: Job) -> bool:
+    """Whether ``job`` has outputs; outputs stored under its name for other training records are an error."""
+    path = output_path(directory, job.name)
+    if not path.is_file():
+        return False
+    with np.load(path) as data:
+        stored = str(data["train_ids_digest"]) if "train_ids_digest" in data else None
+    if stored != _digest(job.train_ids):
+        raise ValueError(f"{path}: job {job.name!r} was run on other training records; "
+                         "delete its outputs or give the job another name")
+    return True
+
+
+def _digest(train_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(train_ids).encode("utf-8")).hexdigest()
 
 
 def output_path(directory: str | Path, name: str) -> Path:
@@ -248,7 +266,7 @@ def _run_job(directory: Path, job: Job) -> None:
     path = output_path(directory, job.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **outputs)
+    np.savez(partial, **outputs, train_ids_digest=np.array(_digest(job.train_ids)))
     os.replace(partial, path)
     if plan.keep_models:
         shutil.move(str(result.model_dir), str(job_dir / "model"))
