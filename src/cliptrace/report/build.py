@@ -136,12 +136,13 @@ def build_report(
     attribution = attribute(run_dir, train, list(targets), checkpoints=checkpoints, proj_dim=proj_dim,
                             bank_size=bank_size, batch_size=batch_size, seed=seed, top_k=top_k,
                             full_scores=False, progress=progress)
-    planted = _planted(_planted_plan(data), attribution, self_influence_top)
+    plan = _planted_plan(data)
+    planted = _planted(plan, attribution, self_influence_top)
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     (partial / "targets").mkdir(parents=True)
-    pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(_planted_plan(data)))
+    pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(plan))
     split_counts = {split: len(select_split(records, split)) for split in ("train", "val", "test")}
     pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim,
                 top_k, _training_curve(run_dir, partial / "assets" / "training.png"), _verification(run_dir, partial))

@@ -137,5 +137,4 @@ def removal_plot(rows: Sequence[Mapping[str, float | int | str]], path: str | Pa
                title=f"Remove top-k and retrain: {title}")
         ax.legend(fontsize=8)
     figure.tight_layout()
-    save_figure(figure, Path(path))
-    return Path(path)
+    return save_figure(figure, path)
