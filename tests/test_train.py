@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from cliptrace.cli import app
 from cliptrace.data.shapes import generate_shapes_world
+from cliptrace.files import atomic_directory
 from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, list_checkpoints, train
-from cliptrace.train.checkpoint import atomic_directory
 from cliptrace.train.metrics_log import MetricsLog
 from cliptrace.train.optim import build_optimizer, parameter_groups, warmup_cosine
 

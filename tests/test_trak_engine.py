@@ -34,7 +34,8 @@ from cliptrace.trak import (
 from cliptrace.trak.gradients import per_example_gradients, select_parameters
 from cliptrace.trak import scoring
 from cliptrace.trak.scoring import gram_matrix
-from cliptrace.trak.store import STORE_VERSION, create_npy_atomic
+from cliptrace.files import create_npy_atomic
+from cliptrace.trak.store import STORE_VERSION
 
 DEVICE = "cpu"
 VOCAB, CONTEXT = 20, 5

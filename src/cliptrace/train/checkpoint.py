@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from cliptrace.files import atomic_directory
 from cliptrace.models.base import DualEncoder
 
 TRAINING_STATE = "training_state.pt"
@@ -33,21 +31,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         if _CHECKPOINT_NAME.match(path.name) and (path / TRAINING_STATE).is_file()
     ]
     return sorted(found, key=lambda path: int(_CHECKPOINT_NAME.match(path.name).group(1)))
-
-
-@contextmanager
-def atomic_directory(directory: Path) -> Iterator[Path]:
-    """Yield a sibling ``.partial`` directory to fill; it replaces ``directory`` only when the block completes.
-
-    A crash inside the block never leaves a directory that looks finished.
-    """
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    yield partial
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(partial, directory)
 
 
 def save_checkpoint(directory: Path, model: DualEncoder, training_state: dict) -> None:

@@ -17,10 +17,10 @@ from cliptrace.data.pairs import PairDataset, make_collate
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
+from cliptrace.files import atomic_directory
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
 from cliptrace.train.checkpoint import (
-    atomic_directory,
     checkpoint_dir,
     list_checkpoints,
     load_training_state,

@@ -24,6 +24,7 @@ from rich.progress import track
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
+from cliptrace.files import write_json_atomic
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.train.checkpoint import list_checkpoints
@@ -31,7 +32,7 @@ from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
 from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
-from cliptrace.trak.store import FeatureStore, write_json_atomic
+from cliptrace.trak.store import FeatureStore
 
 ModelSource = DualEncoder | str | Path
 

@@ -1,16 +1,21 @@
 """The on-disk feature store: per checkpoint, TRAK features, loss weights and a per-example "featurized" mask.
 
-Layout (``.npy`` memory maps: random-access row writes, no dependency beyond numpy, readable by any tool)::
+Layout (``.npy`` files: rows written in place, read as memory maps, no dependency beyond numpy, readable by any
+tool)::
 
     STORE/manifest.json                      versioned; settings; checkpoints and their model fingerprints
+    STORE/manifest.lock                      serializes registering checkpoints
     STORE/checkpoints/ID/features.npy        (n, k) float32 (or float64), rows written as batches finish
     STORE/checkpoints/ID/loss_weights.npy    (n,)   same dtype
     STORE/checkpoints/ID/featurized.npy      (n,)   bool, set only after the rows it covers are flushed
     STORE/checkpoints/ID/kernel.npy          the solved kernel, written once all rows are done:
                                              (k, k) lower Cholesky factor of XᵀX + λI when k ≤ n,
                                              (n, k) W = (XXᵀ + λI)⁻¹X when k > n (see cliptrace.trak.scoring)
+    STORE/checkpoints/ID/writer.lock         held by the writer of the checkpoint (shared by shard writers)
+    STORE/checkpoints/ID/shard-R-of-W.lock   held by the writer of one shard
 
-The manifest is replaced atomically (write, fsync, rename). Reopening a store with other settings, or featurizing
+The manifest is replaced atomically (write, fsync, rename); rows are flushed before the mask marks them; a second
+writer of the same rows fails at once with :class:`StoreBusyError`. Reopening a store with other settings, or featurizing
 a checkpoint id with other weights than it was started with, raises :class:`StoreMismatchError`. A crash loses at
 most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still to compute.
 
@@ -19,20 +24,27 @@ Version history: 1 stored the n × k kernel weights W in ``kernel_weights.npy``;
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import mmap
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from cliptrace.files import save_npy_atomic, write_json_atomic
+
 STORE_FORMAT = "cliptrace.trak.feature_store"
 STORE_VERSION = 2
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = "manifest.lock"
 
 
 class StoreMismatchError(ValueError):
@@ -55,37 +67,6 @@ def settings_differences(stored: dict[str, Any], requested: dict[str, Any]) -> l
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file and a rename."""
-    temporary = path.with_name(path.name + ".tmp.npy")
-    np.save(temporary, array)
-    os.replace(temporary, path)
-
-
-@contextmanager
-def create_npy_atomic(path: Path, dtype: np.dtype | str, shape: tuple[int, ...]) -> Iterator[np.memmap]:
-    """A new ``.npy`` memory map, filled inside the ``with`` block under a temporary name and renamed to ``path``
-    (after a flush) when the block exits without an error; on an error the temporary file is removed."""
-    temporary = path.with_name(path.name + ".tmp.npy")
-    array = open_memmap(temporary, "w+", dtype, shape)
-    try:
-        yield array
-        array.flush()
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def release_pages(array: np.ndarray) -> None:
     """Drop the pages of a shared memory map that ``array`` views from this process's resident set.
 
@@ -101,8 +82,114 @@ def release_pages(array: np.ndarray) -> None:
         owner.base.madvise(mmap.MADV_DONTNEED)
 
 
+Shard = tuple[int, int]
+
+
+class StoreBusyError(OSError):
+    """Another process is writing the same rows of a feature store (or finalizing the checkpoint)."""
+
+
+def shard_rows(size: int, shard: Shard) -> range:
+    """The contiguous block of ``size`` rows that ``shard = (index, count)`` owns; blocks differ by at most one row."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    return range(size * index // count, size * (index + 1) // count)
+
+
+class _FileLock:
+    """An ``flock`` on a file, shared or exclusive; released by :meth:`release`, when this object is collected, or
+    when the process dies (also by SIGKILL), so a crash never leaves a stale lock.
+
+    An exclusive holder writes ``pid P on HOST`` into the file (and clears it on release) for error messages.
+
+    Raises:
+        BlockingIOError: ``wait`` is False and another process holds a conflicting lock.
+    """
+
+    def __init__(self, path: Path, exclusive: bool, wait: bool = False) -> None:
+        self._file = open(path, "a+b")  # noqa: SIM115 - held open for the lifetime of the lock
+        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self._file.fileno(), flags)
+        except BaseException:
+            self._file.close()
+            raise
+        self._exclusive = exclusive
+        if exclusive:
+            os.ftruncate(self._file.fileno(), 0)
+            os.pwrite(self._file.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    @staticmethod
+    def holder(path: Path) -> str:
+        """What the current exclusive holder of ``path`` wrote about itself (empty when unknown)."""
+        try:
+            return path.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        if self._file.closed:
+            return
+        if self._exclusive:
+            os.ftruncate(self._file.fileno(), 0)
+        self._file.close()
+
+
+def _busy(what: str, lock: Path) -> StoreBusyError:
+    holder = _FileLock.holder(lock)
+    return StoreBusyError(errno.EBUSY, f"{what} is being written by another process{f' ({holder})' if holder else ''}; "
+                                       "wait for it to finish, or use another store directory")
+
+
+def _write_rows(path: Path, indices: np.ndarray, rows: np.ndarray) -> None:
+    """Write ``rows[j]`` into row ``indices[j]`` of the ``.npy`` file ``path`` in place, then flush it to disk.
+
+    Plain positioned writes, not a memory map: a full disk raises ``OSError`` (a memory map would kill the process
+    with SIGBUS), and processes on other hosts of a shared filesystem only ever touch their own bytes.
+    """
+    try:
+        with open(path, "r+b") as file:
+            major, _ = np.lib.format.read_magic(file)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(file)
+            offset, row_bytes = file.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+            order = np.argsort(indices, kind="stable")
+            ordered = indices[order]
+            breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+            for run in np.split(np.arange(ordered.size), breaks):
+                if not run.size:
+                    continue
+                data = memoryview(np.ascontiguousarray(rows[order[run]], dtype=dtype).tobytes())
+                position = offset + int(ordered[run[0]]) * row_bytes
+                while data:
+                    written = os.pwrite(file.fileno(), data, position)
+                    data, position = data[written:], position + written
+            os.fsync(file.fileno())
+    except OSError as error:
+        raise type(error)(error.errno, f"{path}: {error.strerror} while writing {indices.size} rows; they are not "
+                                       "marked as done, so rerunning the same command resumes here") from None
+
+
+@dataclass
+class _Claim:
+    """What a store instance holds to write a checkpoint: the rows it may write and the locks that reserve them."""
+
+    shard: Shard | None
+    rows: range
+    locks: list[_FileLock]
+
+
 class FeatureStore:
     """Features of one training set under one featurizer setting, for any number of checkpoints.
+
+    Writers are exclusive per checkpoint: the first :meth:`write` (or :meth:`claim`) of a checkpoint locks it for
+    this instance, and a second process writing it gets a :class:`StoreBusyError` at once. Processes may instead
+    claim disjoint shards of one checkpoint (``claim(checkpoint, shard=(rank, world))``) and write them side by side;
+    solving the kernel needs the whole checkpoint. Locks are ``flock`` locks, released when the instance is closed or
+    collected, or its process dies. Registering checkpoints is serialized by a lock on the manifest, so several
+    processes may add checkpoints to one store.
 
     Args:
         directory: Where the store lives (created if missing).
@@ -122,23 +209,41 @@ class FeatureStore:
             raise ValueError(f"feature store dtype must be 'float32' or 'float64', got {dtype!r}")
         self.directory = Path(directory)
         self.train_size, self.proj_dim, self.dtype = train_size, proj_dim, np.dtype(dtype)
+        self._claims: dict[str, _Claim] = {}
         requested = json.loads(json.dumps({"train_size": train_size, "proj_dim": proj_dim, "dtype": dtype, **settings}))
         manifest_path = self.directory / MANIFEST
-        if manifest_path.is_file():
-            self._manifest = self._read_manifest(manifest_path)
-            differences = settings_differences(self._manifest["settings"], requested)
-            if differences:
-                raise StoreMismatchError(
-                    f"feature store {self.directory} was made with other settings:\n  " + "\n  ".join(differences)
-                    + "\nuse another store directory, or the original settings"
-                )
-        else:
-            if self.directory.exists() and any(self.directory.iterdir()):
-                raise StoreMismatchError(f"{self.directory} is not empty and holds no {MANIFEST}: not a feature store")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "settings": requested,
-                              "checkpoints": {}}
-            write_json_atomic(manifest_path, self._manifest)
+        self._check_is_store()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._manifest_lock():
+            self._check_is_store()
+            if manifest_path.is_file():
+                self._manifest = self._read_manifest(manifest_path)
+                differences = settings_differences(self._manifest["settings"], requested)
+                if differences:
+                    raise StoreMismatchError(
+                        f"feature store {self.directory} was made with other settings:\n  "
+                        + "\n  ".join(differences) + "\nuse another store directory, or the original settings"
+                    )
+            else:
+                self._manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "settings": requested,
+                                  "checkpoints": {}}
+                write_json_atomic(manifest_path, self._manifest)
+
+    def _check_is_store(self) -> None:
+        """Refuse an existing directory that holds other things and no manifest."""
+        if not self.directory.is_dir() or (self.directory / MANIFEST).is_file():
+            return
+        if any(path.name != MANIFEST_LOCK for path in self.directory.iterdir()):
+            raise StoreMismatchError(f"{self.directory} is not empty and holds no {MANIFEST}: not a feature store")
+
+    @contextmanager
+    def _manifest_lock(self) -> Iterator[None]:
+        """Hold the store's manifest lock (waiting for it) for the length of the block."""
+        lock = _FileLock(self.directory / MANIFEST_LOCK, exclusive=True, wait=True)
+        try:
+            yield
+        finally:
+            lock.release()
 
     @classmethod
     def reopen(cls, directory: str | Path) -> FeatureStore:
@@ -170,53 +275,120 @@ class FeatureStore:
         return self._manifest["settings"]
 
     def checkpoint_ids(self) -> list[str]:
-        """Registered checkpoint ids, in registration order."""
+        """Registered checkpoint ids, in registration order (including those other processes registered)."""
+        self._manifest = self._read_manifest(self.directory / MANIFEST)
         return list(self._manifest["checkpoints"])
 
     def _dir(self, checkpoint: str) -> Path:
+        if checkpoint not in self._manifest["checkpoints"]:
+            self._manifest = self._read_manifest(self.directory / MANIFEST)
         if checkpoint not in self._manifest["checkpoints"]:
             raise KeyError(f"checkpoint {checkpoint!r} is not in feature store {self.directory}")
         return self.directory / "checkpoints" / checkpoint
 
     def add_checkpoint(self, checkpoint: str, fingerprint: str) -> None:
         """Register ``checkpoint`` (or reopen it, checking that its weights are the ones it was started with)."""
-        entry = self._manifest["checkpoints"].get(checkpoint)
-        if entry is not None:
-            if entry["fingerprint"] != fingerprint:
-                raise StoreMismatchError(
-                    f"checkpoint {checkpoint!r} in {self.directory} was featurized with other weights "
-                    f"(fingerprint {entry['fingerprint']}, now {fingerprint})"
-                )
-            return
-        if not checkpoint or "/" in checkpoint or checkpoint.startswith("."):
-            raise ValueError(f"invalid checkpoint id {checkpoint!r}")
-        folder = self.directory / "checkpoints" / checkpoint
-        folder.mkdir(parents=True, exist_ok=True)
-        open_memmap(folder / "features.npy", "w+", self.dtype, (self.train_size, self.proj_dim)).flush()
-        open_memmap(folder / "loss_weights.npy", "w+", self.dtype, (self.train_size,)).flush()
-        open_memmap(folder / "featurized.npy", "w+", np.bool_, (self.train_size,)).flush()
-        self._manifest["checkpoints"][checkpoint] = {"fingerprint": fingerprint}
-        write_json_atomic(self.directory / MANIFEST, self._manifest)
+        with self._manifest_lock():
+            self._manifest = self._read_manifest(self.directory / MANIFEST)
+            entry = self._manifest["checkpoints"].get(checkpoint)
+            if entry is not None:
+                if entry["fingerprint"] != fingerprint:
+                    raise StoreMismatchError(
+                        f"checkpoint {checkpoint!r} in {self.directory} was featurized with other weights "
+                        f"(fingerprint {entry['fingerprint']}, now {fingerprint})"
+                    )
+                return
+            if not checkpoint or "/" in checkpoint or checkpoint.startswith("."):
+                raise ValueError(f"invalid checkpoint id {checkpoint!r}")
+            folder = self.directory / "checkpoints" / checkpoint
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, dtype, shape in (("features.npy", self.dtype, (self.train_size, self.proj_dim)),
+                                       ("loss_weights.npy", self.dtype, (self.train_size,)),
+                                       ("featurized.npy", np.bool_, (self.train_size,))):
+                open_memmap(folder / name, "w+", dtype, shape).flush()  # sparse: no disk used before rows arrive
+            self._manifest["checkpoints"][checkpoint] = {"fingerprint": fingerprint}
+            write_json_atomic(self.directory / MANIFEST, self._manifest)
 
     def fingerprint(self, checkpoint: str) -> str:
         """The model fingerprint ``checkpoint`` was registered with."""
         self._dir(checkpoint)
         return self._manifest["checkpoints"][checkpoint]["fingerprint"]
 
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def claim(self, checkpoint: str, shard: Shard | None = None) -> None:
+        """Reserve ``checkpoint`` (or one shard of its rows, see :func:`shard_rows`) for writing by this instance.
+
+        Raises:
+            StoreBusyError: Another process holds the checkpoint, or the same shard, or (for a whole-checkpoint
+                claim) any shard of it.
+            ValueError: This instance already holds the checkpoint under another shard.
+        """
+        folder = self._dir(checkpoint)
+        held = self._claims.get(checkpoint)
+        if held is not None:
+            if held.shard != shard:
+                raise ValueError(f"checkpoint {checkpoint!r} is already claimed as shard {held.shard}, not {shard}")
+            return
+        name = f"checkpoint {checkpoint!r} of feature store {self.directory}"
+        writer = folder / "writer.lock"
+        try:
+            locks = [_FileLock(writer, exclusive=shard is None)]
+        except BlockingIOError:
+            raise _busy(name, writer) from None
+        if shard is not None:
+            lock = folder / f"shard-{shard[0]}-of-{shard[1]}.lock"
+            try:
+                locks.append(_FileLock(lock, exclusive=True))
+            except BlockingIOError:
+                locks[0].release()
+                raise _busy(f"shard {shard[0]} of {shard[1]} of {name}", lock) from None
+        rows = range(self.train_size) if shard is None else shard_rows(self.train_size, shard)
+        self._claims[checkpoint] = _Claim(shard, rows, locks)
+
+    def release(self, checkpoint: str | None = None) -> None:
+        """Give up the claim on ``checkpoint`` (every claim when None)."""
+        for name in [checkpoint] if checkpoint is not None else list(self._claims):
+            claim = self._claims.pop(name, None)
+            for lock in claim.locks if claim is not None else ():
+                lock.release()
+
+    def close(self) -> None:
+        """Release every claim of this instance."""
+        self.release()
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def featurized(self, checkpoint: str) -> np.ndarray:
         """(n,) bool: which training examples have features for ``checkpoint``."""
         return np.array(np.load(self._dir(checkpoint) / "featurized.npy", mmap_mode="r"))
 
-    def missing(self, checkpoint: str) -> np.ndarray:
-        """Sorted training indices still to featurize for ``checkpoint``."""
-        return np.flatnonzero(~self.featurized(checkpoint))
+    def missing(self, checkpoint: str, shard: Shard | None = None) -> np.ndarray:
+        """Sorted training indices still to featurize for ``checkpoint`` (only those of ``shard`` when given)."""
+        missing = np.flatnonzero(~self.featurized(checkpoint))
+        if shard is None:
+            return missing
+        rows = shard_rows(self.train_size, shard)
+        return missing[(missing >= rows.start) & (missing < rows.stop)]
 
     def is_complete(self, checkpoint: str) -> bool:
         """True when every training example has features for ``checkpoint``."""
         return bool(self.featurized(checkpoint).all())
 
     def write(self, checkpoint: str, indices: np.ndarray, features: np.ndarray, loss_weights: np.ndarray) -> None:
-        """Store rows ``indices``; the featurized mask is set only after the rows are flushed to disk."""
+        """Store rows ``indices`` (claiming the whole checkpoint first unless this instance holds a claim).
+
+        The rows are flushed to disk before the featurized mask marks them, so a crash or a full disk at any point
+        leaves them unmarked, to be computed again.
+
+        Raises:
+            StoreBusyError: Another process is writing the checkpoint (see :meth:`claim`).
+            OSError: Writing failed (e.g. the disk is full); the rows stay unmarked.
+        """
         folder = self._dir(checkpoint)
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= self.train_size):
@@ -224,13 +396,16 @@ class FeatureStore:
         if features.shape != (indices.size, self.proj_dim) or loss_weights.shape != (indices.size,):
             raise ValueError(f"expected features ({indices.size}, {self.proj_dim}) and loss weights ({indices.size},); "
                              f"got {features.shape} and {loss_weights.shape}")
-        for name, rows in (("features.npy", features), ("loss_weights.npy", loss_weights)):
-            array = np.load(folder / name, mmap_mode="r+")
-            array[indices] = rows
-            array.flush()
-        mask = np.load(folder / "featurized.npy", mmap_mode="r+")
-        mask[indices] = True
-        mask.flush()
+        if checkpoint not in self._claims:
+            self.claim(checkpoint)
+        rows = self._claims[checkpoint].rows
+        outside = indices[(indices < rows.start) | (indices >= rows.stop)]
+        if outside.size:
+            raise IndexError(f"rows {outside[:5].tolist()} lie outside this process's shard "
+                             f"{self._claims[checkpoint].shard} (rows {rows.start}..{rows.stop - 1})")
+        _write_rows(folder / "features.npy", indices, features)
+        _write_rows(folder / "loss_weights.npy", indices, loss_weights)
+        _write_rows(folder / "featurized.npy", indices, np.ones(indices.size, dtype=np.bool_))
 
     def _require_complete(self, checkpoint: str) -> Path:
         folder = self._dir(checkpoint)
@@ -248,11 +423,27 @@ class FeatureStore:
         return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "loss_weights.npy", mmap_mode="r")
 
     def save_kernel(self, checkpoint: str, matrix: np.ndarray) -> None:
-        """Store the solved kernel matrix of a fully featurized checkpoint (atomically)."""
+        """Store the solved kernel matrix of a fully featurized checkpoint (atomically).
+
+        Raises:
+            StoreBusyError: Another process holds the checkpoint or a shard of it.
+            ValueError: This instance holds only a shard of it (release it first), or rows are missing.
+        """
         folder = self._require_complete(checkpoint)
-        save_npy_atomic(folder / "kernel.npy", matrix)
+        held = self._claims.get(checkpoint)
+        if held is not None and held.shard is not None:
+            raise ValueError(f"this process holds shard {held.shard} of checkpoint {checkpoint!r}: release it "
+                             "before solving the kernel, which needs the whole checkpoint")
+        if held is None:
+            self.claim(checkpoint)
+        try:
+            save_npy_atomic(folder / "kernel.npy", matrix)
+        finally:
+            if held is None:
+                self.release(checkpoint)
 
     def kernel(self, checkpoint: str) -> np.ndarray | None:
         """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved."""
         path = self._dir(checkpoint) / "kernel.npy"
         return np.load(path, mmap_mode="r") if path.is_file() else None
+

@@ -35,13 +35,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from cliptrace.files import create_npy_atomic
 from cliptrace.trak.batches import batch_size, map_batch, take_rows
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
 from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint, stored_kernel
-from cliptrace.trak.store import FeatureStore, StoreMismatchError, create_npy_atomic
+from cliptrace.trak.store import FeatureStore, StoreMismatchError
 
 log = logging.getLogger("cliptrace.trak")
 

@@ -34,11 +34,11 @@ from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate.embed import embed_images, embed_texts
+from cliptrace.files import write_json_atomic
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
 from cliptrace.train import TrainConfig, initial_model, train
 from cliptrace.trak.outputs import clip_margins
-from cliptrace.trak.store import write_json_atomic
 
 PLAN = "plan.json"
 FORMAT_VERSION = 1
