@@ -66,3 +66,27 @@ class DualEncoder(nn.Module, abc.ABC):
 def normalize(features: torch.Tensor, enabled: bool = True) -> torch.Tensor:
     """L2-normalize along the last dimension when ``enabled``."""
     return F.normalize(features, dim=-1) if enabled else features
+
+
+def check_weights_fit(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse weights that belong to another architecture: a tensor the model needs is missing or has another shape.
+
+    Args:
+        expected: Parameter name -> shape the model has.
+        found: Parameter name -> shape the weights hold (names the model does not use are ignored).
+        source: What the weights came from, for the message.
+
+    Raises:
+        ValueError: Naming the first mismatched and missing tensors.
+    """
+    mismatched = [f"{name}: {list(found[name])} in the weights, {list(shape)} in the model"
+                  for name, shape in expected.items() if name in found and tuple(found[name]) != tuple(shape)]
+    missing = [name for name in expected if name not in found]
+    if not mismatched and not missing:
+        return
+    details = "; ".join(mismatched[:3]) + (f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
+    if missing:
+        details += ("; " if details else "") + f"missing {missing[:3]}" + (
+            f" (and {len(missing) - 3} more)" if len(missing) > 3 else "")
+    raise ValueError(f"{source}: weights from another architecture ({len(mismatched)} tensor(s) of another "
+                     f"shape, {len(missing)} missing): {details}")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from cliptrace.data.transforms import ImageTransform
-from cliptrace.models.base import DualEncoder
+from cliptrace.models.base import DualEncoder, check_weights_fit
 from cliptrace.models.base import normalize as l2_normalize
 from cliptrace.models.directory import (
     read_manifest,
@@ -87,7 +88,8 @@ class HFCLIP(DualEncoder):
 
         Raises:
             FileNotFoundError: ``directory`` does not exist.
-            ValueError: It holds another adapter's model, or its ``config.json`` does not describe a CLIP model.
+            ValueError: It holds another adapter's model, its ``config.json`` does not describe a CLIP model, or its
+                ``model.safetensors`` holds weights of another architecture.
         """
         directory = require_directory(directory)
         manifest = read_manifest(directory)
@@ -96,6 +98,13 @@ class HFCLIP(DualEncoder):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         if not isinstance(config, CLIPConfig):
             raise ValueError(f"{directory}: config.json has model_type {config.model_type!r}, expected 'clip'")
+        weights = directory / "model.safetensors"
+        if weights.is_file():
+            with torch.device("meta"):
+                expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
+            with safe_open(weights, "pt") as file:
+                found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
+            check_weights_fit(expected, found, f"{weights} (config {directory / 'config.json'})")
         model = CLIPModel.from_pretrained(directory, attn_implementation=attn_implementation, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         preprocess = (

@@ -24,7 +24,7 @@ from rich.progress import track
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
-from cliptrace.files import write_json_atomic
+from cliptrace.files import atomic_file, save_npy_atomic, write_json_atomic, write_text_atomic
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.train.checkpoint import list_checkpoints
@@ -32,7 +32,7 @@ from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
 from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
-from cliptrace.trak.store import FeatureStore
+from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError
 
 ModelSource = DualEncoder | str | Path
 
@@ -103,25 +103,32 @@ class Attribution:
                  "self_influence": float(self.self_influence[i])} for rank, i in enumerate(order, 1)]
 
     def save(self, directory: str | Path) -> list[Path]:
-        """Write ``topk.csv``, ``topk.json``, ``self_influence.csv``, ``ids.json`` and (if present) ``scores.npy``."""
+        """Write ``topk.csv``, ``topk.json``, ``self_influence.csv``, ``scores.npy`` (when present) and ``ids.json``.
+
+        Every file is replaced atomically. ``ids.json`` is removed first and written last, so a folder that holds
+        it holds a complete, consistent set; a ``scores.npy`` of an earlier run is removed when there are no scores.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / "ids.json").unlink(missing_ok=True)
         written = [_write_csv(directory / "topk.csv", self.top_k_rows()),
                    _write_csv(directory / "self_influence.csv", self.self_influence_rows())]
-        (directory / "topk.json").write_text(json.dumps(self.top_k_rows(), indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(directory / "topk.json", json.dumps(self.top_k_rows(), indent=1, ensure_ascii=False) + "\n")
         written.append(directory / "topk.json")
+        if self.scores is not None:
+            save_npy_atomic(directory / "scores.npy", self.scores)
+            written.append(directory / "scores.npy")
+        else:
+            (directory / "scores.npy").unlink(missing_ok=True)
         write_json_atomic(directory / "ids.json", {"train": [r.id for r in self.train],
                                                    "targets": [r.id for r in self.targets],
                                                    "checkpoints": self.checkpoints})
         written.append(directory / "ids.json")
-        if self.scores is not None:
-            np.save(directory / "scores.npy", self.scores)
-            written.append(directory / "scores.npy")
         return written
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -278,20 +285,44 @@ def _load_checkpoint(
 
 
 def _store(directory: Path, train: list[Record], featurizer: Featurizer, settings: AttributionSettings) -> FeatureStore:
+    """The feature store of the training set (refusing one made with other settings than ``featurizer``'s)."""
     store_settings = {**featurizer.settings(), "train_data": data_fingerprint(train),
                       "lambda_reg": settings.lambda_reg}
     return FeatureStore(directory, len(train), featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
 
 
+def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featurizer) -> FeatureStore:
+    """The store of the target features, ``STORE/targets/DIGEST`` (DIGEST of the target records)."""
+    digest = data_fingerprint(targets)
+    settings = {**featurizer.settings(), "train_data": store.settings["train_data"], "target_data": digest}
+    return FeatureStore(store.directory / "targets" / digest, len(targets), featurizer.proj_dim, settings,
+                        dtype=store.dtype.name)
+
+
+def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[Record], train_index: Sequence[int],
+                    loader: ImageLoader, settings: AttributionSettings, description: str, progress: bool) -> None:
+    """Featurize the rows of ``store`` still missing under ``checkpoint``, batch by batch (row i is ``records[i]``,
+    ``train_index[i]`` its training index or -1), holding the checkpoint so no other process writes it meanwhile."""
+    store.add_checkpoint(checkpoint.id, checkpoint.featurizer.fingerprint())
+    store.claim(checkpoint.id)
+    try:
+        batches = RecordBatches(checkpoint.model, records, loader, settings.batch_size)
+        chunks = list(batches.chunks(store.missing(checkpoint.id).tolist()))
+        for chunk in track(chunks, description=description, disable=not progress or not chunks):
+            features, weights = record_features(checkpoint.featurizer, batches, chunk,
+                                                [train_index[i] for i in chunk], settings.device)
+            try:
+                store.write(checkpoint.id, np.asarray(chunk), features.numpy(), weights.numpy())
+            except NonFiniteFeaturesError as error:
+                raise ValueError(f"{error}: record id(s) {[records[i].id for i in error.rows[:5]]}") from None
+    finally:
+        store.release(checkpoint.id)
+
+
 def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: list[Record], loader: ImageLoader,
                           settings: AttributionSettings, progress: bool) -> None:
-    store.add_checkpoint(checkpoint.id, checkpoint.featurizer.fingerprint())
-    batches = RecordBatches(checkpoint.model, train, loader, settings.batch_size)
-    missing = store.missing(checkpoint.id).tolist()
-    chunks = list(batches.chunks(missing))
-    for chunk in track(chunks, description=f"Featurizing {checkpoint.id}", disable=not progress or not chunks):
-        features, weights = record_features(checkpoint.featurizer, batches, chunk, chunk, settings.device)
-        store.write(checkpoint.id, np.asarray(chunk), features.numpy(), weights.numpy())
+    _featurize_rows(store, checkpoint, train, range(len(train)), loader, settings, f"Featurizing {checkpoint.id}",
+                    progress)
     if store.kernel(checkpoint.id) is None:
         solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
 
@@ -309,10 +340,9 @@ def featurize(
     """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there)."""
     records = read_records(train, train_split)
     loader = ImageLoader()
-    store = None
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
-        store = store or _store(Path(store_dir), records, checkpoint.featurizer, settings)
+        store = _store(Path(store_dir), records, checkpoint.featurizer, settings)
         _featurize_checkpoint(checkpoint, store, records, loader, settings, progress)
     return store
 
@@ -365,7 +395,8 @@ def attribute(
         other_parameters: Factored path: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
             the layers it supports (CLIP's class embedding and logit scale).
         store_dir: Feature store directory (default: ``RUN/trak/store`` for a run, else a temporary one).
-            Features already there are reused; other settings in it are an error.
+            Features already there are reused; other settings in it are an error. Target features are kept
+            in ``STORE/targets/`` too, so an interrupted run resumes where it stopped.
         train_split: Split of ``train`` when it is a path.
         target_split: Split of ``targets`` when it is a path.
         top_k: Proponents and opponents kept per target.
@@ -388,21 +419,20 @@ def attribute(
     position = {record.id: i for i, record in enumerate(train_records)}
     target_index = [position.get(record.id, -1) for record in target_records]
     loader = ImageLoader()
-    store, kernels, loss_weights, train_features, target_features = None, [], [], [], []
+    kernels, loss_weights, train_features, target_features = [], [], [], []
     for checkpoint_id, source in sources:
         checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
-        store = store or _store(Path(store_dir), train_records, checkpoint.featurizer, settings)
+        store = _store(Path(store_dir), train_records, checkpoint.featurizer, settings)
         _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress)
         features, q = store.features(checkpoint_id)
         train_features.append(features)
         loss_weights.append(q)
         kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
                        else identity_kernel(features, settings.torch_dtype))
-        batches = RecordBatches(checkpoint.model, target_records, loader, batch_size)
-        chunks = list(batches.chunks(range(len(target_records))))
-        parts = [record_features(checkpoint.featurizer, batches, chunk, [target_index[i] for i in chunk], device)[0]
-                 for chunk in track(chunks, description=f"Targets under {checkpoint_id}", disable=not progress)]
-        target_features.append(torch.cat(parts))
+        targets_store = _target_store(store, target_records, checkpoint.featurizer)
+        _featurize_rows(targets_store, checkpoint, target_records, target_index, loader, settings,
+                        f"Targets under {checkpoint_id}", progress)
+        target_features.append(targets_store.features(checkpoint_id)[0])
     scorer = EnsembleScorer(kernels, train_features, loss_weights)
     exclude = torch.as_tensor(target_index) if max(target_index) >= 0 else None
     return Attribution(

@@ -85,6 +85,14 @@ def release_pages(array: np.ndarray) -> None:
 Shard = tuple[int, int]
 
 
+class NonFiniteFeaturesError(ValueError):
+    """Features or loss weights of some examples are NaN or infinite; ``rows`` holds their indices."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
+
+
 class StoreBusyError(OSError):
     """Another process is writing the same rows of a feature store (or finalizing the checkpoint)."""
 
@@ -386,6 +394,7 @@ class FeatureStore:
         leaves them unmarked, to be computed again.
 
         Raises:
+            NonFiniteFeaturesError: Some rows are NaN or infinite (nothing is written).
             StoreBusyError: Another process is writing the checkpoint (see :meth:`claim`).
             OSError: Writing failed (e.g. the disk is full); the rows stay unmarked.
         """
@@ -396,6 +405,13 @@ class FeatureStore:
         if features.shape != (indices.size, self.proj_dim) or loss_weights.shape != (indices.size,):
             raise ValueError(f"expected features ({indices.size}, {self.proj_dim}) and loss weights ({indices.size},); "
                              f"got {features.shape} and {loss_weights.shape}")
+        finite = np.isfinite(features).all(axis=1) & np.isfinite(loss_weights)
+        if not finite.all():
+            rows = indices[~finite].tolist()
+            raise NonFiniteFeaturesError(
+                f"features of example(s) {rows[:5]}{' ...' if len(rows) > 5 else ''} under checkpoint {checkpoint!r} "
+                "are NaN or infinite (the model output or its gradient overflowed for them); nothing of this batch "
+                "was stored", rows)
         if checkpoint not in self._claims:
             self.claim(checkpoint)
         rows = self._claims[checkpoint].rows

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from cliptrace.files import create_npy_atomic
+from cliptrace.models.base import check_weights_fit
 from cliptrace.trak.batches import batch_size, map_batch, take_rows
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
@@ -133,7 +134,10 @@ class TRAKer:
 
     # -- featurizing ---------------------------------------------------------------------------------------
 
-    def _load(self, checkpoint: Mapping[str, torch.Tensor]) -> str:
+    def _load(self, checkpoint: Mapping[str, torch.Tensor], model_id: int | str) -> str:
+        check_weights_fit({name: tuple(value.shape) for name, value in self.model.state_dict().items()},
+                          {name: tuple(value.shape) for name, value in checkpoint.items()},
+                          f"checkpoint of model id {model_id!r}")
         self.model.load_state_dict(checkpoint)
         self.model.eval()
         self.task.prepare(self.model)
@@ -145,7 +149,7 @@ class TRAKer:
     ) -> None:
         """Load a state dict and open (or resume) its features under ``model_id``."""
         del _allow_featurizing_already_registered  # resuming is always allowed; done rows are skipped
-        self.store.add_checkpoint(str(model_id), self._load(checkpoint))
+        self.store.add_checkpoint(str(model_id), self._load(checkpoint, model_id))
         self._checkpoint = str(model_id)
         self._next_index = 0
 
@@ -193,7 +197,7 @@ class TRAKer:
         self, exp_name: str, checkpoint: Mapping[str, torch.Tensor], model_id: int | str, num_targets: int
     ) -> None:
         """Load the checkpoint of ``model_id`` and open the target features of experiment ``exp_name``."""
-        fingerprint = self._load(checkpoint)
+        fingerprint = self._load(checkpoint, model_id)
         if str(model_id) not in self.store.checkpoint_ids():
             raise KeyError(f"model id {model_id!r} was never featurized in {self.store.directory}")
         if self.store.fingerprint(str(model_id)) != fingerprint:
