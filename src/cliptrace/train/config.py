@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cliptrace.files import write_text_atomic
+
 # Settings that may differ when a run is resumed; every other setting must match the stored run.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "progress")
 
@@ -86,8 +88,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
     def save(self, path: Path) -> None:
-        """Write the config as JSON."""
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n", encoding="utf-8")
+        """Write the config as JSON (atomically)."""
+        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":

@@ -17,7 +17,7 @@ from cliptrace.data.pairs import PairDataset, make_collate
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
-from cliptrace.files import atomic_directory
+from cliptrace.files import atomic_directory, write_text_atomic
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
 from cliptrace.train.checkpoint import (
@@ -188,7 +188,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         start_epoch, step = state["epoch"], state["step"]
         torch.set_rng_state(state["torch_rng"])
     fabric_model, optimizer = fabric.setup(model, optimizer)
-    log = MetricsLog(run_dir) if fabric.global_rank == 0 else None
+    log = MetricsLog(run_dir, resume_step=step if resume else None) if fabric.global_rank == 0 else None
 
     with _progress(config.progress and fabric.global_rank == 0) as progress:
         task = progress.add_task("train", total=config.epochs * steps_per_epoch, completed=step, status="")
@@ -248,7 +248,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             model.save(partial)
         if eval_records:
             metrics = evaluate(model, eval_records, loader, device=fabric.device)
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         log.close()
     fabric.barrier()
     return TrainResult(
