@@ -55,9 +55,15 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted UTF-8 JSON to ``path``."""
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented JSON to ``path`` atomically, so readers never see half a file."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    """Write ``data`` as :func:`write_json` does, atomically, so readers never see half a file."""
+    with atomic_file(path) as temporary:
+        write_json(temporary, data)
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:

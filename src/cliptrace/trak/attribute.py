@@ -13,6 +13,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from rich.progress import track
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
-from cliptrace.files import atomic_file, save_npy_atomic, write_json_atomic, write_text_atomic
+from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.train.checkpoint import list_checkpoints
@@ -105,35 +106,37 @@ class Attribution:
     def save(self, directory: str | Path) -> list[Path]:
         """Write ``topk.csv``, ``topk.json``, ``self_influence.csv``, ``scores.npy`` (when present) and ``ids.json``.
 
-        Every file is replaced atomically. ``ids.json`` is removed first and written last, so a folder that holds
-        it holds a complete, consistent set; a ``scores.npy`` of an earlier run is removed when there are no scores.
+        Every file is first written under a temporary name; only when all are written (so a full disk leaves the
+        earlier outputs as they were) is ``ids.json`` removed, the files renamed into place and ``ids.json``
+        renamed last: a folder that holds ``ids.json`` holds a complete, consistent set. A ``scores.npy`` of an
+        earlier run is removed when there are no scores.
         """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "ids.json").unlink(missing_ok=True)
-        written = [_write_csv(directory / "topk.csv", self.top_k_rows()),
-                   _write_csv(directory / "self_influence.csv", self.self_influence_rows())]
-        write_text_atomic(directory / "topk.json", json.dumps(self.top_k_rows(), indent=1, ensure_ascii=False) + "\n")
-        written.append(directory / "topk.json")
-        if self.scores is not None:
-            save_npy_atomic(directory / "scores.npy", self.scores)
-            written.append(directory / "scores.npy")
-        else:
-            (directory / "scores.npy").unlink(missing_ok=True)
-        write_json_atomic(directory / "ids.json", {"train": [r.id for r in self.train],
-                                                   "targets": [r.id for r in self.targets],
-                                                   "checkpoints": self.checkpoints})
-        written.append(directory / "ids.json")
-        return written
+        top_rows = self.top_k_rows()
+        with ExitStack() as renames:
+            files = {name: renames.enter_context(atomic_file(directory / name))
+                     for name in ("ids.json", "topk.csv", "self_influence.csv", "topk.json")}
+            write_json(files["ids.json"], {"train": [r.id for r in self.train],
+                                           "targets": [r.id for r in self.targets], "checkpoints": self.checkpoints})
+            _write_csv(files["topk.csv"], top_rows)
+            _write_csv(files["self_influence.csv"], self.self_influence_rows())
+            files["topk.json"].write_text(json.dumps(top_rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+            if self.scores is not None:
+                files["scores.npy"] = renames.enter_context(atomic_file(directory / "scores.npy"))
+                np.save(files["scores.npy"], self.scores)
+            (directory / "ids.json").unlink(missing_ok=True)
+            if self.scores is None:
+                (directory / "scores.npy").unlink(missing_ok=True)
+        return [directory / name for name in ("topk.csv", "self_influence.csv", "topk.json", "scores.npy", "ids.json")
+                if name in files]
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    with atomic_file(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as handle:
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         if rows:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    return path
 
 
 # --- inputs --------------------------------------------------------------------------------------------------
