@@ -30,7 +30,7 @@ import json
 import mmap
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,6 +387,17 @@ class FeatureStore:
         """True when every training example has features for ``checkpoint``."""
         return bool(self.featurized(checkpoint).all())
 
+    def rows(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``indices`` as a flat int64 array, checked to be training indices of this store.
+
+        Raises:
+            IndexError: An index lies outside ``[0, train_size)``.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.train_size):
+            raise IndexError(f"training indices must lie in [0, {self.train_size}); got {indices.min()}..{indices.max()}")
+        return indices
+
     def write(self, checkpoint: str, indices: np.ndarray, features: np.ndarray, loss_weights: np.ndarray) -> None:
         """Store rows ``indices`` (claiming the whole checkpoint first unless this instance holds a claim).
 
@@ -399,9 +410,7 @@ class FeatureStore:
             OSError: Writing failed (e.g. the disk is full); the rows stay unmarked.
         """
         folder = self._dir(checkpoint)
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.train_size):
-            raise IndexError(f"training indices must lie in [0, {self.train_size}); got {indices.min()}..{indices.max()}")
+        indices = self.rows(indices)
         if features.shape != (indices.size, self.proj_dim) or loss_weights.shape != (indices.size,):
             raise ValueError(f"expected features ({indices.size}, {self.proj_dim}) and loss weights ({indices.size},); "
                              f"got {features.shape} and {loss_weights.shape}")

@@ -172,7 +172,7 @@ class TRAKer:
         """Compute and store features for a batch of training examples (rows already stored are skipped)."""
         if self._checkpoint is None:
             raise RuntimeError("load a checkpoint with load_checkpoint() before featurize()")
-        indices = self._indices(inds, num_samples, "_next_index")
+        indices = self.store.rows(self._indices(inds, num_samples, "_next_index"))
         if indices.size != batch_size(batch):
             raise ValueError(f"batch has {batch_size(batch)} examples but {indices.size} indices")
         todo = ~self.store.featurized(self._checkpoint)[indices]
