@@ -87,7 +87,7 @@ def test_a_store_of_another_training_set_is_refused(trained: tuple[Path, Path], 
     assert result.exit_code == 0, result.output
     output = _fails("trak", "score", run, world, "--train-split", "", "--store", store, "--out", tmp_path / "out",
                     *OPTIONS)
-    assert f"error: feature store {store} was made with other settings" in output
+    assert f"error: checkpoint 'epoch-0001': feature store {store} was made with other settings" in output
     assert "train_size: 32 -> 40" in " ".join(output.split())
     assert not (tmp_path / "out").exists()
 
@@ -129,7 +129,7 @@ def test_a_store_made_with_other_settings_names_each_difference(trained: tuple[P
     assert result.exit_code == 0, result.output
     output = _fails("trak", "topk", run, world, "--store", store, "--out", tmp_path / "second", "--seed", "1",
                     *OPTIONS)
-    assert f"error: feature store {store} was made with other settings" in output
+    assert f"error: checkpoint 'epoch-0001': feature store {store} was made with other settings" in output
     assert "seed: 0 -> 1" in output and "use another store directory, or the original settings" in output
     assert (tmp_path / "first" / "ids.json").is_file() and not (tmp_path / "second").exists()
 
@@ -197,7 +197,7 @@ def test_an_ensemble_checkpoint_of_another_architecture_is_refused(trained: tupl
     other = tmp_path / "other-run" / "small-0001"
     model = load_model(list_checkpoints(run)[-1])
     HFCLIP.from_preset("small", model.tokenizer, image_size=32).save(other)
-    with pytest.raises(ValueError, match=r"was made with other settings:\n  parameters\."):
+    with pytest.raises(ValueError, match=r"checkpoint 'small-0001': feature store .* was made with other settings:\n  parameters\."):
         attribute(run, world, world, store_dir=tmp_path / "store", checkpoints=[list_checkpoints(run)[-1], other],
                   **FAST)
 

@@ -33,7 +33,7 @@ from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
 from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
-from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError
+from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError, StoreMismatchError
 
 ModelSource = DualEncoder | str | Path
 
@@ -287,11 +287,16 @@ def _load_checkpoint(
     return _Checkpoint(checkpoint_id, model, featurizer)
 
 
-def _store(directory: Path, train: list[Record], featurizer: Featurizer, settings: AttributionSettings) -> FeatureStore:
-    """The feature store of the training set (refusing one made with other settings than ``featurizer``'s)."""
+def _store(directory: Path, train: list[Record], featurizer: Featurizer, settings: AttributionSettings,
+           checkpoint_id: str) -> FeatureStore:
+    """The feature store of the training set (refusing one made with other settings than those of
+    ``checkpoint_id``'s ``featurizer``)."""
     store_settings = {**featurizer.settings(), "train_data": data_fingerprint(train),
                       "lambda_reg": settings.lambda_reg}
-    return FeatureStore(directory, len(train), featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
+    try:
+        return FeatureStore(directory, len(train), featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
+    except StoreMismatchError as error:
+        raise StoreMismatchError(f"checkpoint {checkpoint_id!r}: {error}") from None
 
 
 def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featurizer) -> FeatureStore:
@@ -345,7 +350,7 @@ def featurize(
     loader = ImageLoader()
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
-        store = _store(Path(store_dir), records, checkpoint.featurizer, settings)
+        store = _store(Path(store_dir), records, checkpoint.featurizer, settings, checkpoint_id)
         _featurize_checkpoint(checkpoint, store, records, loader, settings, progress)
     return store
 
@@ -425,7 +430,7 @@ def attribute(
     kernels, loss_weights, train_features, target_features = [], [], [], []
     for checkpoint_id, source in sources:
         checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
-        store = _store(Path(store_dir), train_records, checkpoint.featurizer, settings)
+        store = _store(Path(store_dir), train_records, checkpoint.featurizer, settings, checkpoint_id)
         _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress)
         features, q = store.features(checkpoint_id)
         train_features.append(features)

@@ -96,6 +96,9 @@ class NonFiniteFeaturesError(ValueError):
 class StoreBusyError(OSError):
     """Another process is writing the same rows of a feature store (or finalizing the checkpoint)."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def shard_rows(size: int, shard: Shard) -> range:
     """The contiguous block of ``size`` rows that ``shard = (index, count)`` owns; blocks differ by at most one row."""
