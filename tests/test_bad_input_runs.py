@@ -197,7 +197,8 @@ def test_an_ensemble_checkpoint_of_another_architecture_is_refused(trained: tupl
     other = tmp_path / "other-run" / "small-0001"
     model = load_model(list_checkpoints(run)[-1])
     HFCLIP.from_preset("small", model.tokenizer, image_size=32).save(other)
-    with pytest.raises(ValueError, match=r"checkpoint 'small-0001': feature store .* was made with other settings:\n  parameters\."):
+    with pytest.raises(ValueError, match=r"checkpoint 'small-0001': feature store .* was made with other "
+                                         r"settings:\n  parameters\."):
         attribute(run, world, world, store_dir=tmp_path / "store", checkpoints=[list_checkpoints(run)[-1], other],
                   **FAST)
 
