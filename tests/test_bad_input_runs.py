@@ -83,7 +83,8 @@ def test_traker_indices_beyond_the_training_set_size_are_refused(tmp_path: Path)
 def test_a_store_of_another_training_set_is_refused(trained: tuple[Path, Path], tmp_path: Path) -> None:
     world, run = trained
     store = tmp_path / "store"
-    result = CliRunner().invoke(app, [str(a) for a in ["trak", "featurize", run, world, "--store", store, *OPTIONS[:-2]]])
+    command = ["trak", "featurize", run, world, "--store", store, *OPTIONS[:-2]]
+    result = CliRunner().invoke(app, [str(arg) for arg in command])
     assert result.exit_code == 0, result.output
     output = _fails("trak", "score", run, world, "--train-split", "", "--store", store, "--out", tmp_path / "out",
                     *OPTIONS)

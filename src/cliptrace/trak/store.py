@@ -14,8 +14,8 @@ tool)::
     STORE/checkpoints/ID/writer.lock         held by the writer of the checkpoint (shared by shard writers)
     STORE/checkpoints/ID/shard-R-of-W.lock   held by the writer of one shard
 
-The manifest is replaced atomically (write, fsync, rename); rows are flushed before the mask marks them; a second
-writer of the same rows fails at once with :class:`StoreBusyError`. Reopening a store with other settings, or featurizing
+The manifest is replaced atomically (write, fsync, rename); rows are flushed before the mask marks them; a
+second writer of the same rows fails at once with :class:`StoreBusyError`. Reopening a store with other settings, or featurizing
 a checkpoint id with other weights than it was started with, raises :class:`StoreMismatchError`. A crash loses at
 most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still to compute.
 
@@ -398,7 +398,8 @@ class FeatureStore:
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and (indices.min() < 0 or indices.max() >= self.train_size):
-            raise IndexError(f"training indices must lie in [0, {self.train_size}); got {indices.min()}..{indices.max()}")
+            raise IndexError(f"training indices must lie in [0, {self.train_size}); "
+                             f"got {indices.min()}..{indices.max()}")
         return indices
 
     def write(self, checkpoint: str, indices: np.ndarray, features: np.ndarray, loss_weights: np.ndarray) -> None:
