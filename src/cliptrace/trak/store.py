@@ -15,9 +15,10 @@ tool)::
     STORE/checkpoints/ID/shard-R-of-W.lock   held by the writer of one shard
 
 The manifest is replaced atomically (write, fsync, rename); rows are flushed before the mask marks them; a
-second writer of the same rows fails at once with :class:`StoreBusyError`. Reopening a store with other settings, or featurizing
-a checkpoint id with other weights than it was started with, raises :class:`StoreMismatchError`. A crash loses at
-most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still to compute.
+second writer of the same rows fails at once with :class:`StoreBusyError`. Reopening a store with other settings,
+or featurizing a checkpoint id with other weights than it was started with, raises :class:`StoreMismatchError`. A
+crash (or a full disk) loses at most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still
+to compute.
 
 Version history: 1 stored the n × k kernel weights W in ``kernel_weights.npy``; 2 stores ``kernel.npy``.
 """
