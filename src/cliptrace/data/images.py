@@ -8,6 +8,7 @@ import tarfile
 from PIL import Image
 
 from cliptrace.data.record import DatasetError
+from cliptrace.data.shards import scan_shard
 
 SHARD_SEPARATOR = "::"
 
@@ -20,19 +21,20 @@ class ImageLoader:
     """
 
     def __init__(self) -> None:
-        self._shards: dict[str, dict[str, tuple[int, int]]] = {}
+        self._shards: dict[str, tuple[dict[str, tuple[int, int]], str | None]] = {}
 
-    def _index(self, shard: str) -> dict[str, tuple[int, int]]:
-        """Member name -> (data offset, size) of every regular file in ``shard``."""
+    def _index(self, shard: str) -> tuple[dict[str, tuple[int, int]], str | None]:
+        """Member name -> (data offset, size) of every whole regular file in ``shard``, and its truncation."""
         if shard not in self._shards:
             try:
                 with tarfile.open(shard, "r:") as tar:
-                    members = [member for member in tar if member.isfile()]
-                self._shards[shard] = {member.name: (member.offset_data, member.size) for member in members}
+                    scan = scan_shard(tar)
             except FileNotFoundError:
                 raise DatasetError(shard, None, "shard not found") from None
             except (tarfile.TarError, OSError) as error:
                 raise DatasetError(shard, None, f"not a readable uncompressed tar file ({error})") from None
+            index = {member.name: (member.offset_data, member.size) for member in scan.members}
+            self._shards[shard] = index, scan.truncation
         return self._shards[shard]
 
     def read_bytes(self, ref: str) -> bytes:
@@ -46,16 +48,13 @@ class ImageLoader:
                 raise DatasetError(ref, None, "image file not found") from None
             except OSError as error:
                 raise DatasetError(ref, None, f"cannot read the image file ({error.strerror})") from None
-        index = self._index(shard)
+        index, truncation = self._index(shard)
         if member not in index:
-            raise DatasetError(ref, None, f"no member {member!r} in the shard")
+            raise DatasetError(ref, None, truncation or f"no member {member!r} in the shard")
         offset, size = index[member]
         with open(shard, "rb") as file:
             file.seek(offset)
-            data = file.read(size)
-        if len(data) != size:
-            raise DatasetError(ref, None, "the shard is truncated")
-        return data
+            return file.read(size)
 
     def load(self, ref: str) -> Image.Image:
         """The image ``ref`` names, decoded and converted to RGB."""
