@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from cliptrace.data.images import ImageLoader
+from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.record import Record
 from cliptrace.models.base import DualEncoder
@@ -212,7 +212,7 @@ class RecordBatches:
         images, captions, owner = [], [], []
         for slot, position in enumerate(positions):
             record = self.records[position]
-            pixels = self.model.preprocess(self.loader.load(record.image))
+            pixels = self.model.preprocess(load_record_image(self.loader, record))
             for caption in record.captions[:1] if first_caption_only else record.captions:
                 images.append(pixels)
                 captions.append(caption)
