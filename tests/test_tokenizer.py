@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cliptrace.models.tokenizer import MIN_VOCAB_SIZE, tokenize, train_tokenizer
+from cliptrace.models.tokenizer import (
+    MIN_VOCAB_SIZE,
+    CaptionTruncatedWarning,
+    tokenize,
+    train_tokenizer,
+)
 
 ENGLISH = [
     "a red circle above a small blue square",
@@ -66,7 +71,9 @@ def test_long_text_is_truncated_keeping_eos_last(tokenizer, context_length: int)
     body = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert len(body) > context_length
     expected = [tokenizer.bos_token_id, *body[: context_length - 2], tokenizer.eos_token_id]
-    batch = tokenize(tokenizer, [text, "a"], context_length=context_length)
+    warning = rf"^1 of 2 caption\(s\) longer than the context length of {context_length} tokens were truncated"
+    with pytest.warns(CaptionTruncatedWarning, match=warning):
+        batch = tokenize(tokenizer, [text, "a"], context_length=context_length)
     assert batch["input_ids"].shape == (2, context_length)
     assert batch["input_ids"][0].tolist() == expected
     assert batch["attention_mask"][0].tolist() == [1] * context_length

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -15,6 +15,7 @@ from cliptrace.cli.errors import reported_errors
 from cliptrace.data.record import Record
 
 if TYPE_CHECKING:
+    from cliptrace.data.policy import BadSamplePolicy
     from cliptrace.evaluate.query import QueryResult
     from cliptrace.models.base import DualEncoder
 
@@ -40,13 +41,17 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Images or texts embedded at once.")] = 64,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    on_bad_sample: Annotated[Literal["fail", "skip"], typer.Option(
+        help="fail: stop at the first broken row or bad image. skip: decode every image of the split once up front "
+             "and evaluate without the bad samples (listed in OUT_STEM.skipped.csv beside --out).")] = "fail",
 ) -> None:
     """Print retrieval R@k (and zero-shot accuracy when there are classes) of a model on a dataset split."""
-    from cliptrace.data.images import ImageLoader
+    from cliptrace.data.policy import BadSamplePolicy
     from cliptrace.evaluate import IMAGENET_TEMPLATES, evaluate, format_metrics_table, load_classnames, load_templates
 
     with reported_errors():
-        records = _records(data, data_format, split or None)
+        policy = BadSamplePolicy(on_bad_sample)
+        records = _records(data, data_format, split or None, policy)
         classnames = None
         if classes is not None:
             classnames = load_classnames(classes)
@@ -55,15 +60,20 @@ def eval_command(
         prompts = load_templates(templates) if templates else IMAGENET_TEMPLATES
         encoder = _model(model, device)
         metrics = evaluate(
-            encoder, records, ImageLoader(), classnames=classnames, templates=prompts, batch_size=batch_size,
+            encoder, records, policy.loader, classnames=classnames, templates=prompts, batch_size=batch_size,
             device=device, progress=progress,
         )
     title = Text(f"{model} on {data}" + (f", split {split!r}" if split else ""))
     console.print(format_metrics_table(metrics, title=title))
+    report = None
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         console.print(f"metrics written to {out}")
+        report = policy.write_report(out.with_name(f"{out.stem}.skipped.csv"))
+    summary = policy.summary(report)
+    if summary:
+        console.print(Text(summary))
 
 
 def retrieve_command(
@@ -122,13 +132,13 @@ def _matches_table(result: QueryResult, title: str) -> Table:
     return table
 
 
-def _records(data: Path, data_format: str, split: str | None) -> list[Record]:
-    """The dataset's records, only those of ``split`` when given; an error if none is left."""
-    from cliptrace.data.readers import load_records, select_split
+def _records(data: Path, data_format: str, split: str | None, policy: BadSamplePolicy | None = None) -> list[Record]:
+    """The records of ``split`` (every record when None) under ``policy`` (fail when None); an error if none is left."""
+    from cliptrace.data.policy import BadSamplePolicy
+    from cliptrace.data.readers import select_split
 
-    records = list(load_records(data, format=data_format))
-    if split is not None:
-        records = select_split(records, split)
+    policy = policy if policy is not None else BadSamplePolicy()
+    records = policy.screen(select_split(policy.load(data, format=data_format), split))
     if not records:
         raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split is not None else ""))
     return records

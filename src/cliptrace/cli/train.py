@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
 from cliptrace.train.config import TrainConfig
@@ -42,6 +43,10 @@ def train_command(
     keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 keeps all).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    on_bad_sample: Annotated[Literal["fail", "skip"], typer.Option(
+        help="fail: stop at the first broken row or bad image. skip: decode every train/eval image once up front, "
+             "leave out the bad samples and list them in RUN/skipped.csv (cliptrace trak with the same policy "
+             "skips the same records).")] = "fail",
 ) -> None:
     """Train a CLIP model and print where the run was saved."""
     from cliptrace.train import train
@@ -54,11 +59,13 @@ def train_command(
             eval_split=eval_split or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed,
-            save_every=save_every, keep_checkpoints=keep_checkpoints, progress=progress,
+            save_every=save_every, keep_checkpoints=keep_checkpoints, progress=progress, on_bad_sample=on_bad_sample,
         )
         result = train(config, resume=resume)
     if not result.is_main:
         return
+    if result.skipped:
+        console.print(Text(result.skipped))
     from cliptrace.evaluate import format_metrics_table
 
     if result.metrics:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
 
@@ -40,6 +41,10 @@ TargetSplit = Annotated[str, typer.Option(help="Split of the targets ('' for all
 TargetIds = Annotated[Optional[str], typer.Option(help="Comma-separated record ids: only these targets.")]
 Out = Annotated[Path, typer.Option(help="Directory for scores.npy, topk.csv/json and self_influence.csv.")]
 TopK = Annotated[int, typer.Option(help="Proponents and opponents listed per target.")]
+OnBadSample = Annotated[Literal["fail", "skip"], typer.Option(
+    help="fail: stop at the first broken row or bad image. skip: leave out bad samples (the same checks as "
+         "cliptrace train --on-bad-sample skip, so the same training records as that run) and list them in "
+         "skipped.csv beside the outputs.")]
 
 
 def _settings(proj_dim: int, projection: str, seed: int, bank_size: int, parameters: list[str] | None,
@@ -60,25 +65,39 @@ def featurize_command(
     proj_dim: ProjDim = 2048, projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024,
     parameters: Parameters = None, lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32",
     device: Device = "cpu", features: Features = "auto", layer_dim: LayerDim = 32, progress: Progress = True,
+    on_bad_sample: OnBadSample = "fail",
 ) -> None:
+    from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
     from cliptrace.trak.attribute import featurize
 
     with reported_errors():
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
                              features, layer_dim)
+        policy = BadSamplePolicy(on_bad_sample)
         result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoints,
-                           train_split=train_split or None, settings=settings, progress=progress)
+                           train_split=train_split or None, settings=settings, progress=progress,
+                           on_bad_sample=policy)
+        report = policy.write_report(result.directory / SKIP_REPORT)
     console.print(f"features of {result.train_size} training records under {len(result.checkpoint_ids())} "
                   f"checkpoint(s) in {result.directory}")
+    _print_skipped(policy.summary(report))
+
+
+def _print_skipped(summary: str | None) -> None:
+    """Print the one-line summary of skipped samples, if any was skipped."""
+    if summary:
+        console.print(Text(summary))
 
 
 def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, target_ids: str | None,
                train_split: str, store: Path | None, checkpoints: int | None, settings, top_k: int,
-               full_scores: bool, out: Path, progress: bool) -> None:
+               full_scores: bool, out: Path, progress: bool, on_bad_sample: str) -> None:
+    from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
     from cliptrace.trak.attribute import attribute, read_records
 
     with reported_errors():
-        target_records = read_records(targets or data, target_split or None)
+        policy = BadSamplePolicy(on_bad_sample)
+        target_records = read_records(targets or data, target_split or None, policy)
         if target_ids:
             wanted = [item.strip() for item in target_ids.split(",") if item.strip()]
             by_id = {record.id: record for record in target_records}
@@ -94,8 +113,10 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
             score_dtype=settings.score_dtype, device=settings.device, features=settings.features,
             layer_dim=settings.layer_dim, store_dir=_store_dir(run, store),
             train_split=train_split or None, top_k=top_k, full_scores=full_scores, progress=progress,
+            on_bad_sample=policy,
         )
         written = result.save(out)
+        report = policy.write_report(out / SKIP_REPORT)
     table = Table(title=f"Top proponents ({len(result.targets)} targets, first 5 shown)")
     for column in ("target", "caption", "top proponent", "its caption", "score"):
         table.add_column(column)
@@ -105,6 +126,7 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
                       f"{float(result.top.proponent_scores[column, 0]):.4g}")
     console.print(table)
     console.print("written: " + ", ".join(str(path) for path in written))
+    _print_skipped(policy.summary(report))
 
 
 def _scoring_command(full_scores: bool):
@@ -117,11 +139,12 @@ def _scoring_command(full_scores: bool):
         seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None, lambda_reg: LambdaReg = 0.0,
         batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu", features: Features = "auto",
         layer_dim: LayerDim = 32, top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
+        on_bad_sample: OnBadSample = "fail",
     ) -> None:
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
                              features, layer_dim)
         _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
-                   full_scores, out, progress)
+                   full_scores, out, progress, on_bad_sample)
 
     return command
 

@@ -3,6 +3,7 @@
 from cliptrace.data.check import CheckReport, check_dataset
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.pairs import PairDataset, make_collate
+from cliptrace.data.policy import ON_BAD_SAMPLE, BadSamplePolicy, check_policy
 from cliptrace.data.preview import contact_sheet
 from cliptrace.data.readers import (
     FORMATS,
@@ -20,6 +21,8 @@ from cliptrace.data.transforms import ImageTransform
 
 __all__ = [
     "FORMATS",
+    "ON_BAD_SAMPLE",
+    "BadSamplePolicy",
     "CheckReport",
     "DatasetError",
     "ImageLoader",
@@ -27,6 +30,7 @@ __all__ = [
     "PairDataset",
     "Record",
     "check_dataset",
+    "check_policy",
     "contact_sheet",
     "load_records",
     "make_collate",

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cliptrace.data.images import ImageLoader
+from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.readers import load_records
 from cliptrace.data.record import DatasetError
 
@@ -58,9 +58,9 @@ def check_dataset(path: str | Path, format: str = "auto", *, check_images: bool 
         loader = ImageLoader()
         for record in records:
             try:
-                loader.load(record.image)
+                load_record_image(loader, record)
             except DatasetError as error:
-                report.problems.append(DatasetError(error.source, f"id {record.id}", error.problem))
+                report.problems.append(error)
     if not records and report.ok:
         report.problems.append(DatasetError(str(path), None, "no records"))
     return report

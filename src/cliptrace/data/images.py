@@ -1,15 +1,27 @@
-"""Open images by reference: a file path, or ``SHARD.tar::MEMBER`` read by offset from an indexed tar shard."""
+"""Open images by reference: a file path, or ``SHARD.tar::MEMBER`` read by offset from an indexed tar shard.
+
+Every image is decoded to RGB. Conversion follows PIL's ``convert("RGB")``, as open_clip's and HuggingFace's CLIP
+preprocessing do: grayscale is replicated, palettes are looked up, CMYK is converted, and an alpha channel is
+dropped (not composited: transparent pixels keep their stored colour). 16-bit grayscale, which PIL would clip at
+255, is scaled to 8 bits first (value / 257, rounded). Images above ``PIL.Image.MAX_IMAGE_PIXELS`` decode without
+PIL's decompression-bomb warning (JPEGs at half resolution, which later downscaling hides); images above twice that
+limit, where PIL refuses, are a :class:`DatasetError` naming the file and its size.
+"""
 
 from __future__ import annotations
 
 import io
 import tarfile
+import warnings
 
-from PIL import Image
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from cliptrace.data.record import DatasetError
+from cliptrace.data.record import DatasetError, Record
+from cliptrace.data.shards import scan_shard
 
 SHARD_SEPARATOR = "::"
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 class ImageLoader:
@@ -20,19 +32,20 @@ class ImageLoader:
     """
 
     def __init__(self) -> None:
-        self._shards: dict[str, dict[str, tuple[int, int]]] = {}
+        self._shards: dict[str, tuple[dict[str, tuple[int, int]], str | None]] = {}
 
-    def _index(self, shard: str) -> dict[str, tuple[int, int]]:
-        """Member name -> (data offset, size) of every regular file in ``shard``."""
+    def _index(self, shard: str) -> tuple[dict[str, tuple[int, int]], str | None]:
+        """Member name -> (data offset, size) of every whole regular file in ``shard``, and its truncation."""
         if shard not in self._shards:
             try:
                 with tarfile.open(shard, "r:") as tar:
-                    members = [member for member in tar if member.isfile()]
-                self._shards[shard] = {member.name: (member.offset_data, member.size) for member in members}
+                    scan = scan_shard(tar)
             except FileNotFoundError:
                 raise DatasetError(shard, None, "shard not found") from None
             except (tarfile.TarError, OSError) as error:
                 raise DatasetError(shard, None, f"not a readable uncompressed tar file ({error})") from None
+            index = {member.name: (member.offset_data, member.size) for member in scan.members}
+            self._shards[shard] = index, scan.truncation
         return self._shards[shard]
 
     def read_bytes(self, ref: str) -> bytes:
@@ -46,22 +59,47 @@ class ImageLoader:
                 raise DatasetError(ref, None, "image file not found") from None
             except OSError as error:
                 raise DatasetError(ref, None, f"cannot read the image file ({error.strerror})") from None
-        index = self._index(shard)
+        index, truncation = self._index(shard)
         if member not in index:
-            raise DatasetError(ref, None, f"no member {member!r} in the shard")
+            raise DatasetError(ref, None, truncation or f"no member {member!r} in the shard")
         offset, size = index[member]
         with open(shard, "rb") as file:
             file.seek(offset)
-            data = file.read(size)
-        if len(data) != size:
-            raise DatasetError(ref, None, "the shard is truncated")
-        return data
+            return file.read(size)
 
     def load(self, ref: str) -> Image.Image:
-        """The image ``ref`` names, decoded and converted to RGB."""
+        """The image ``ref`` names, decoded and converted to RGB (see the module docstring)."""
         data = self.read_bytes(ref)
+        if not data:
+            raise DatasetError(ref, None, "cannot decode the image: the file is empty (0 bytes)")
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DatasetError(ref, None, f"cannot decode the image ({error})") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    return _to_rgb(image)
+        except Image.DecompressionBombError as error:
+            raise DatasetError(ref, None, f"refused, too large to decode safely: {error}") from None
+        except UnidentifiedImageError:
+            problem = "cannot decode the image: not an image format PIL recognizes (or cut short in its header)"
+            raise DatasetError(ref, None, problem) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as error:
+            raise DatasetError(ref, None, f"cannot decode the image: corrupt or truncated ({error})") from None
+
+
+def load_record_image(loader: ImageLoader, record: Record) -> Image.Image:
+    """The image of ``record`` opened with ``loader``; an error names the image file (or member) and the record id."""
+    try:
+        return loader.load(record.image)
+    except DatasetError as error:
+        raise DatasetError(error.source, f"id {record.id}", error.problem) from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Decode an opened image to RGB: 16-bit grayscale scaled to 8 bits, large JPEGs drafted at half size."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if image.format == "JPEG" and limit is not None and image.width * image.height > limit:
+        image.draft("RGB", ((image.width + 1) // 2, (image.height + 1) // 2))
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64).clip(0, 65535)
+        return Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")

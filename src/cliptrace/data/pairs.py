@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cliptrace.data.images import ImageLoader
+from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.record import Record
 
 Pair = tuple[torch.Tensor, str, int]
@@ -70,10 +70,10 @@ class PairDataset(Dataset):
         return int(np.random.default_rng([self.seed, self.epoch, index]).integers(count))
 
     def pixels(self, index: int) -> torch.Tensor:
-        """The preprocessed image of record ``index``."""
+        """The preprocessed image of record ``index``; a bad image raises a DatasetError naming file and record id."""
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        pixels = self.transform(self.loader.load(self.records[index].image))
+        pixels = self.transform(load_record_image(self.loader, self.records[index]))
         if self._cache is not None:
             self._cache[index] = pixels
         return pixels

@@ -24,6 +24,7 @@ from typing import Any
 
 from cliptrace.data.images import SHARD_SEPARATOR
 from cliptrace.data.record import DatasetError, Record
+from cliptrace.data.shards import scan_shard
 
 OnError = Callable[[DatasetError], None] | None
 
@@ -568,7 +569,9 @@ def read_webdataset(
 
     A sample's image is its ``jpg``, ``jpeg``, ``png`` or ``webp`` member; captions come from ``KEY.json``
     (``captions`` list, or ``caption`` / ``text`` string, with optional ``split``, ``label`` and ``id``) or else
-    ``KEY.txt`` (the whole text). Image references are ``"/abs/shard.tar::member"``.
+    ``KEY.txt`` (the whole text). Image references are ``"/abs/shard.tar::member"``. A truncated shard (see
+    :func:`~cliptrace.data.shards.scan_shard`) is reported like a broken sample, at the key of the member that is cut
+    (or the whole shard when a header is cut); the samples stored whole before the cut are read.
 
     Args:
         path: A ``.tar`` file, a glob pattern, or a directory of ``.tar`` files.
@@ -581,16 +584,20 @@ def read_webdataset(
         source = str(shard)
         try:
             with tarfile.open(shard, "r:") as tar:
+                scan = scan_shard(tar)
                 samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in tar:
-                    if member.isfile():
-                        key, extension = _member_key(member.name)
-                        samples.setdefault(key, {})[extension] = member
+                for member in scan.members:
+                    key, extension = _member_key(member.name)
+                    samples.setdefault(key, {})[extension] = member
+                cut_key = _member_key(scan.cut_member)[0] if scan.cut_member else None
+                samples.pop(cut_key, None)
                 for key, parts in samples.items():
                     try:
                         _shard_sample(tar, source, key, parts, records, default_split)
                     except _Broken as broken:
                         _report(DatasetError(source, f"key {key}", str(broken)), on_error)
+                if scan.truncation:
+                    _report(DatasetError(source, f"key {cut_key}" if cut_key else None, scan.truncation), on_error)
         except FileNotFoundError:
             raise DatasetError(source, None, "file not found") from None
         except (tarfile.TarError, OSError) as error:

@@ -12,6 +12,7 @@ from PIL import Image
 from rich.progress import track
 from torch import nn
 
+from cliptrace.data.images import load_record_image
 from cliptrace.data.record import Record
 from cliptrace.models.base import DualEncoder
 
@@ -64,7 +65,7 @@ def embed_images(
         raise ValueError("no records to embed")
     batches = [records[start : start + batch_size] for start in range(0, len(records), _positive(batch_size))]
     features = [
-        embed_pil_images(model, [loader.load(record.image) for record in batch], device=device)
+        embed_pil_images(model, [load_record_image(loader, record) for record in batch], device=device)
         for batch in track(batches, description="Embedding images", disable=not progress)
     ]
     return torch.cat(features)

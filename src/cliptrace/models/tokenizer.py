@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -15,6 +16,11 @@ BOS_TOKEN = "<|startoftext|>"
 # and never the highest id, so pooling at EOS and pooling at the highest id are told apart.
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
 MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+QUOTED_PREFIX = 60  # characters of the first truncated caption quoted in the warning
+
+
+class CaptionTruncatedWarning(UserWarning):
+    """Texts longer than the context length were truncated to fit it."""
 
 
 def train_tokenizer(
@@ -84,7 +90,8 @@ def tokenize(
 ) -> dict[str, torch.Tensor]:
     """Tokenize ``texts`` to ``{"input_ids", "attention_mask"}`` long tensors of shape (B, context_length).
 
-    Texts are padded to ``context_length`` and longer ones truncated, keeping the tokenizer's EOS token last.
+    Texts are padded to ``context_length`` and longer ones truncated, keeping the tokenizer's EOS token last. When
+    any text is truncated, one :class:`CaptionTruncatedWarning` per call says how many and quotes the first.
 
     Raises:
         ValueError: ``texts`` is a bare string or empty, or an item is not a string.
@@ -92,6 +99,7 @@ def tokenize(
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, not one string")
     texts = _string_list(texts, "texts")
+    _warn_if_truncated(tokenizer, texts, context_length)
     encoded = tokenizer(
         texts,
         padding="max_length",
@@ -101,6 +109,20 @@ def tokenize(
         return_tensors="pt",
     )
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+def _warn_if_truncated(tokenizer: PreTrainedTokenizerBase, texts: list[str], context_length: int) -> None:
+    """Warn once when encodings of ``texts`` (special tokens included) are longer than ``context_length``."""
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    cut = [text for text, length in zip(texts, lengths) if length > context_length]
+    if cut:
+        first = cut[0] if len(cut[0]) <= QUOTED_PREFIX else cut[0][:QUOTED_PREFIX] + "..."
+        warnings.warn(
+            f"{len(cut)} of {len(texts)} caption(s) longer than the context length of {context_length} tokens "
+            f"were truncated to fit it; the first: {first!r}",
+            CaptionTruncatedWarning,
+            stacklevel=3,
+        )
 
 
 def _string_list(items: Iterable[str], name: str, why: str = "") -> list[str]:

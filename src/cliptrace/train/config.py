@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from cliptrace.data.policy import check_policy
 from cliptrace.files import write_text_atomic
 
 # Settings that may differ when a run is resumed; every other setting must match the stored run.
@@ -46,6 +47,9 @@ class TrainConfig:
         keep_checkpoints: Keep only the newest N checkpoints; 0 keeps all (attribution ensembles use several).
         cache_images: Keep preprocessed training images in memory.
         progress: Show progress bars.
+        on_bad_sample: ``"fail"`` on the first broken row or bad image, or ``"skip"`` them: every image of the train
+            and eval records is decoded once up front, and what is skipped is listed in ``RUN/skipped.csv`` (see
+            :mod:`cliptrace.data.policy`).
     """
 
     data: str
@@ -75,6 +79,7 @@ class TrainConfig:
     keep_checkpoints: int = 0
     cache_images: bool = True
     progress: bool = True
+    on_bad_sample: str = "fail"
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "devices", "num_nodes", "save_every", "vocab_size")
@@ -86,6 +91,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        check_policy(self.on_bad_sample)
 
     def save(self, path: Path) -> None:
         """Write the config as JSON (atomically)."""

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.pairs import PairDataset, make_collate
-from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
+from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
@@ -44,6 +45,7 @@ class TrainResult:
         metrics: Evaluation of the final model on the eval split (empty when there is none).
         seconds: Wall-clock training time of this invocation.
         is_main: Whether this process is the global rank 0 (the one that saved and evaluated).
+        skipped: One line on the samples skipped under ``on_bad_sample="skip"``; None when none was.
     """
 
     run_dir: Path
@@ -52,6 +54,7 @@ class TrainResult:
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
     is_main: bool = True
+    skipped: str | None = None
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
@@ -98,12 +101,24 @@ def _keep_ids(records: list[Record], path: Path, split: str) -> list[Record]:
     return [record for record in records if record.id in keep]
 
 
+def _records(config: TrainConfig, policy: BadSamplePolicy) -> tuple[list[Record], list[Record]]:
+    """The train records (only ``train_ids`` when given) and the eval records of ``config``, under ``policy``."""
+    records = policy.load(config.data, format=config.data_format)
+    train_records = select_split(records, config.train_split)
+    if config.train_ids is not None:
+        train_records = _keep_ids(train_records, Path(config.train_ids), config.train_split)
+    eval_records = select_split(records, config.eval_split) if config.eval_split else []
+    return policy.screen(train_records), policy.screen(eval_records)
+
+
 def initial_model(config: TrainConfig) -> DualEncoder:
     """The model a run of ``config`` starts from, built exactly as :func:`train` builds it (same seed, tokenizer).
 
     Training from a saved copy of it (``TrainConfig.model``) with the same settings reproduces the run.
     """
-    train_records = select_split(load_records(config.data, format=config.data_format), config.train_split)
+    policy = BadSamplePolicy(config.on_bad_sample)
+    records = policy.load(config.data, format=config.data_format)
+    train_records = policy.screen(select_split(records, config.train_split))
     seed_everything(config.seed, verbose=False)
     return _new_model(config, train_records)
 
@@ -126,6 +141,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     ``checkpoints/epoch-NNNN/`` (model directory + ``training_state.pt``), per-step ``train.csv`` and per-epoch
     ``eval.csv`` logs (and TensorBoard when installed), and at the end ``model/`` and ``metrics.json``. With
     ``resume=True`` an existing run continues from its newest checkpoint (same settings; ``epochs`` may grow).
+    Under ``on_bad_sample="skip"`` the run first writes ``skipped.csv``; a resumed run must skip the same samples.
     """
     started = time.perf_counter()
     fabric = Fabric(
@@ -137,16 +153,18 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     )
     fabric.launch()
     run_dir, latest = _prepare_run_dir(config, resume)
+    resuming = (run_dir / "config.json").is_file()
     fabric.barrier()  # every rank has checked the run directory before rank 0 writes into it
     world = fabric.world_size
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
 
-    records = load_records(config.data, format=config.data_format)
-    train_records = select_split(records, config.train_split)
-    if config.train_ids is not None:
-        train_records = _keep_ids(train_records, Path(config.train_ids), config.train_split)
-    eval_records = select_split(records, config.eval_split) if config.eval_split else []
+    loader = ImageLoader()
+    policy = BadSamplePolicy(config.on_bad_sample, loader)
+    train_records, eval_records = _records(config, policy)
+    if resuming and policy.skips and not policy.matches_report(run_dir / SKIP_REPORT):
+        raise ValueError(f"{run_dir / SKIP_REPORT}: the data no longer gives the samples this run skipped; it changed "
+                         "since the run started, and resuming would train on other records")
     if len(train_records) < config.batch_size:
         raise ValueError(
             f"{config.data}: split {config.train_split!r} has {len(train_records)} records, "
@@ -162,10 +180,10 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         state = None
     if fabric.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        policy.write_report(run_dir / SKIP_REPORT)
         config.save(run_dir / "config.json")
 
     local_batch = config.batch_size // world
-    loader = ImageLoader()
     dataset = PairDataset(
         train_records, model.preprocess, loader=loader, caption_choice="random", seed=config.seed,
         cache_images=config.cache_images,
@@ -258,6 +276,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         metrics=metrics,
         seconds=time.perf_counter() - started,
         is_main=fabric.global_rank == 0,
+        skipped=policy.summary(run_dir / SKIP_REPORT),
     )
 
 

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 from rich.progress import track
 
-from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.images import ImageLoader, load_record_image
+from cliptrace.data.policy import BadSamplePolicy
+from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
 from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
@@ -142,12 +144,26 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 # --- inputs --------------------------------------------------------------------------------------------------
 
 
-def read_records(data: Sequence[Record] | str | Path, split: str | None) -> list[Record]:
-    """Records from a list or a dataset path (only ``split`` of a path, when given); an error if none."""
+def read_records(
+    data: Sequence[Record] | str | Path, split: str | None, on_bad_sample: str | BadSamplePolicy = "fail"
+) -> list[Record]:
+    """Records from a list (used as given) or a dataset path (only ``split``, when given); an error if none.
+
+    Args:
+        data: Records, or a dataset path.
+        split: The split of a dataset path to keep; None keeps every record.
+        on_bad_sample: For a path: ``"fail"`` on the first bad sample, or ``"skip"`` bad samples (broken rows, records
+            whose image does not decode) with one warning that counts them; a :class:`BadSamplePolicy` collects
+            them instead (see :mod:`cliptrace.data.policy`). Training runs the same checks, so the same dataset
+            and split give the records a run with the same policy trained on.
+    """
+    policy = on_bad_sample if isinstance(on_bad_sample, BadSamplePolicy) else BadSamplePolicy(on_bad_sample)
     if isinstance(data, (str, Path)):
-        records = select_split(load_records(data), split)
+        records = policy.screen(select_split(policy.load(data), split))
         if not records:
             raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split else ""))
+        if policy is not on_bad_sample and policy.skipped:
+            warnings.warn(f"{data}: {policy.summary(None)}", stacklevel=2)
         return records
     records = list(data)
     if not records:
@@ -223,7 +239,7 @@ class RecordBatches:
         images, captions, owner = [], [], []
         for slot, position in enumerate(positions):
             record = self.records[position]
-            pixels = self.model.preprocess(self.loader.load(record.image))
+            pixels = self.model.preprocess(load_record_image(self.loader, record))
             for caption in record.captions[:1] if first_caption_only else record.captions:
                 images.append(pixels)
                 captions.append(caption)
@@ -344,9 +360,13 @@ def featurize(
     train_split: str | None = "train",
     settings: AttributionSettings = AttributionSettings(),
     progress: bool = False,
+    on_bad_sample: str | BadSamplePolicy = "fail",
 ) -> FeatureStore:
-    """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there)."""
-    records = read_records(train, train_split)
+    """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there).
+
+    ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`.
+    """
+    records = read_records(train, train_split, on_bad_sample)
     loader = ImageLoader()
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
@@ -380,6 +400,7 @@ def attribute(
     full_scores: bool = True,
     kernel: str = "trak",
     progress: bool = False,
+    on_bad_sample: str | BadSamplePolicy = "fail",
 ) -> Attribution:
     """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
 
@@ -412,13 +433,15 @@ def attribute(
         kernel: ``"trak"``, the kernel regression (XᵀX + λI)⁻¹; or ``"identity"``, plain projected-gradient dot
             products ``Q̄ ⊙ XΦᵀ`` (TracIn-style, a baseline that TRAK's kernel improves on).
         progress: Show progress bars.
+        on_bad_sample: For dataset paths: ``"fail"``, ``"skip"`` or a :class:`BadSamplePolicy` (see
+            :func:`read_records`).
     """
     if kernel not in ("trak", "identity"):
         raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
     settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
                                    lambda_reg, batch_size, score_dtype, device, features, layer_dim, other_parameters)
-    train_records = read_records(train, train_split)
-    target_records = read_records(targets, target_split)
+    train_records = read_records(train, train_split, on_bad_sample)
+    target_records = read_records(targets, target_split, on_bad_sample)
     sources = resolve_checkpoints(model, checkpoints)
     if store_dir is None:
         run = None if isinstance(model, DualEncoder) else Path(model)

@@ -1,0 +1,160 @@
+"""The ``--on-bad-sample`` policy: fail on the first bad sample, or skip every bad sample and list it.
+
+A bad sample is a broken metadata row (see :mod:`cliptrace.data.readers`) or a record whose image is missing or does
+not decode. Under ``fail`` (the default) nothing is checked ahead: a broken row raises while the dataset is read, and
+a bad image raises when it is loaded, naming the image file and the record id. Under ``skip`` broken rows are
+collected while reading, and every image of the records in use is opened and fully decoded once, up front; records
+with a problem are dropped and listed in a skip report (``skipped.csv``: source, location, problem). The checks
+depend only on the data, so the same dataset and split always keep the same records: TRAK featurization skips
+exactly what training skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cliptrace.data.images import ImageLoader
+from cliptrace.data.readers import load_records
+from cliptrace.data.record import DatasetError, Record
+
+ON_BAD_SAMPLE = ("fail", "skip")
+SKIP_REPORT = "skipped.csv"
+REPORT_COLUMNS = ("source", "location", "problem")
+
+
+def check_policy(on_bad_sample: str) -> str:
+    """``on_bad_sample`` itself when it names a policy.
+
+    Raises:
+        ValueError: It is neither ``fail`` nor ``skip``.
+    """
+    if on_bad_sample not in ON_BAD_SAMPLE:
+        raise ValueError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, not {on_bad_sample!r}")
+    return on_bad_sample
+
+
+def _row(problem: DatasetError) -> tuple[str, str, str]:
+    """A problem as a skip-report row."""
+    return problem.source, "" if problem.location is None else str(problem.location), problem.problem
+
+
+class BadSamplePolicy:
+    """Reads datasets under an ``on_bad_sample`` policy and keeps the problems of every sample it skipped.
+
+    Args:
+        on_bad_sample: ``"fail"`` or ``"skip"``.
+        loader: Opens the images checked under ``skip``; a new :class:`ImageLoader` when None.
+
+    Attributes:
+        on_bad_sample: The policy.
+        skipped: Problems of the skipped samples, in the order found, each once.
+    """
+
+    def __init__(self, on_bad_sample: str = "fail", loader: ImageLoader | None = None) -> None:
+        self.on_bad_sample = check_policy(on_bad_sample)
+        self.loader = loader if loader is not None else ImageLoader()
+        self.skipped: list[DatasetError] = []
+        self._rows: set[tuple[str, str, str]] = set()
+        self._images: dict[str, DatasetError | None] = {}
+        self._samples: dict[str, int] = {}
+
+    @property
+    def skips(self) -> bool:
+        """Whether bad samples are skipped rather than raised."""
+        return self.on_bad_sample == "skip"
+
+    def _skip(self, problem: DatasetError) -> None:
+        if _row(problem) not in self._rows:
+            self._rows.add(_row(problem))
+            self.skipped.append(problem)
+
+    def load(self, path: str | Path, format: str = "auto", **options: Any) -> list[Record]:
+        """:func:`~cliptrace.data.readers.load_records`; under ``skip`` broken rows are left out and kept.
+
+        Raises:
+            DatasetError: The dataset as a whole is unreadable (under either policy), a row is broken under
+                ``fail``, or every row is broken under ``skip``.
+        """
+        if not self.skips:
+            return load_records(path, format, **options)
+        broken: list[DatasetError] = []
+        records = load_records(path, format, on_error=broken.append, **options)
+        for problem in broken:
+            self._skip(problem)
+        self._samples[str(path)] = len(records) + len(broken)
+        if broken and not records:
+            problem = f"every one of its {len(broken)} samples is broken; the first: {broken[0]}"
+            raise DatasetError(str(path), None, problem)
+        return records
+
+    def screen(self, records: Sequence[Record]) -> list[Record]:
+        """The records whose image opens and decodes (under ``fail``: every record, unchecked).
+
+        Raises:
+            DatasetError: Under ``skip``, records were given and none of them has a readable image.
+        """
+        if not self.skips:
+            return list(records)
+        kept = []
+        for record in records:
+            if record.image not in self._images:
+                try:
+                    self.loader.load(record.image)
+                    self._images[record.image] = None
+                except DatasetError as error:
+                    self._images[record.image] = error
+            error = self._images[record.image]
+            if error is None:
+                kept.append(record)
+            else:
+                self._skip(DatasetError(error.source, f"id {record.id}", error.problem))
+        if records and not kept:
+            first = self._images[records[0].image]
+            problem = f"{first.problem}; every one of the {len(records)} records in use was skipped for a bad image"
+            raise DatasetError(first.source, f"id {records[0].id}", problem)
+        return kept
+
+    def write_report(self, path: str | Path) -> Path | None:
+        """Under ``skip``, write the skip report to ``path`` atomically (a header alone when nothing was skipped).
+
+        Args:
+            path: The CSV file to write, e.g. ``RUN/skipped.csv``; its directory is created.
+
+        Returns:
+            ``path``; None under ``fail``, which writes nothing.
+        """
+        if not self.skips:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with partial.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(REPORT_COLUMNS)
+                writer.writerows(_row(problem) for problem in self.skipped)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        return path
+
+    def matches_report(self, path: str | Path) -> bool:
+        """Whether the skip report at ``path`` lists exactly the problems skipped here (False when it is missing)."""
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = [tuple(row) for row in csv.reader(handle)]
+        except FileNotFoundError:
+            return False
+        return rows == [REPORT_COLUMNS, *map(_row, self.skipped)]
+
+    def summary(self, report: str | Path | None) -> str | None:
+        """One line: how many records were skipped, of how many, and where they are listed; None if none was."""
+        if not self.skipped:
+            return None
+        total = sum(self._samples.values())
+        where = f": see {report}" if report is not None else f"; the first: {self.skipped[0]}"
+        return f"skipped {len(self.skipped)} of {total} records{where}"
