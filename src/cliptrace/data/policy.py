@@ -12,7 +12,6 @@ exactly what training skipped.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records
 from cliptrace.data.record import DatasetError, Record
+from cliptrace.files import atomic_file
 
 ON_BAD_SAMPLE = ("fail", "skip")
 SKIP_REPORT = "skipped.csv"
@@ -130,16 +130,10 @@ class BadSamplePolicy:
         if not self.skips:
             return None
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with partial.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(REPORT_COLUMNS)
-                writer.writerows(_row(problem) for problem in self.skipped)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        with atomic_file(path) as temporary, temporary.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(REPORT_COLUMNS)
+            writer.writerows(_row(problem) for problem in self.skipped)
         return path
 
     def matches_report(self, path: str | Path) -> bool:
