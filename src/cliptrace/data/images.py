@@ -3,13 +3,42 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+from collections.abc import Iterator
 
 from PIL import Image
 
 from cliptrace.data.record import DatasetError
 
 SHARD_SEPARATOR = "::"
+
+TAR_ERRORS = (tarfile.TarError, OSError, ValueError, RecursionError)
+"""What reading a damaged tar file can raise: besides TarError and OSError, tarfile lets ValueError (malformed numbers
+in pax headers, offsets too large to seek to) and RecursionError (long chains of extended headers) through."""
+
+
+def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a tar file opened for reading from a file on disk, in order.
+
+    Raises :class:`tarfile.ReadError` at a member tarfile accepts though its header cannot be right, and that would
+    make tarfile, or a read of the member, loop for ever or allocate without bound: a header that does not come after
+    the previous one (a negative size sends tarfile back to a header it has read, and round again), a sparse file, or
+    a file whose data would reach past the end of the tar file.
+    """
+    length = os.fstat(tar.fileobj.fileno()).st_size
+    previous = -1
+    for member in tar:
+        if member.offset <= previous:
+            raise tarfile.ReadError(f"the header of {member.name!r} does not follow the previous one")
+        if member.issparse():
+            raise tarfile.ReadError(f"{member.name!r} is a sparse file")
+        if member.isfile() and member.size < 0:
+            raise tarfile.ReadError(f"{member.name!r} has a negative size")
+        if member.isfile() and member.size > length - member.offset_data:
+            raise tarfile.ReadError(f"the data of {member.name!r} ({member.size} bytes) runs past the end of the file")
+        previous = member.offset
+        yield member
 
 
 class ImageLoader:
@@ -27,11 +56,11 @@ class ImageLoader:
         if shard not in self._shards:
             try:
                 with tarfile.open(shard, "r:") as tar:
-                    members = [member for member in tar if member.isfile()]
+                    members = [member for member in tar_members(tar) if member.isfile()]
                 self._shards[shard] = {member.name: (member.offset_data, member.size) for member in members}
             except FileNotFoundError:
                 raise DatasetError(shard, None, "shard not found") from None
-            except (tarfile.TarError, OSError) as error:
+            except TAR_ERRORS as error:
                 raise DatasetError(shard, None, f"not a readable uncompressed tar file ({error})") from None
         return self._shards[shard]
 

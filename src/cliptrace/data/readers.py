@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from cliptrace.data.images import SHARD_SEPARATOR
+from cliptrace.data.images import SHARD_SEPARATOR, TAR_ERRORS, tar_members
 from cliptrace.data.record import DatasetError, Record
 
 OnError = Callable[[DatasetError], None] | None
@@ -582,7 +582,7 @@ def read_webdataset(
         try:
             with tarfile.open(shard, "r:") as tar:
                 samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-                for member in tar:
+                for member in tar_members(tar):
                     if member.isfile():
                         key, extension = _member_key(member.name)
                         samples.setdefault(key, {})[extension] = member
@@ -591,9 +591,11 @@ def read_webdataset(
                         _shard_sample(tar, source, key, parts, records, default_split)
                     except _Broken as broken:
                         _report(DatasetError(source, f"key {key}", str(broken)), on_error)
+        except DatasetError:
+            raise
         except FileNotFoundError:
             raise DatasetError(source, None, "file not found") from None
-        except (tarfile.TarError, OSError) as error:
+        except TAR_ERRORS as error:
             raise DatasetError(source, None, f"not a readable uncompressed tar file ({error})") from None
     return records.records()
 

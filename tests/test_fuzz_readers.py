@@ -1,0 +1,129 @@
+"""Dataset readers on damaged input: only DatasetError naming the file comes out, never a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import signal
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cliptrace.data.images import ImageLoader
+from cliptrace.data.readers import read_webdataset
+from cliptrace.data.record import DatasetError
+
+
+class Hang(Exception):
+    """A read ran past its time limit (not an OSError, so the readers' handlers never turn it into a DatasetError)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float = 10.0) -> Iterator[None]:
+    """Raise :class:`Hang` in the block once it has run ``seconds``."""
+
+    def alarm(signum: int, frame: Any) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)  # again every 0.5 s: a callback may swallow one
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]], format: int = tarfile.PAX_FORMAT,
+                pax: dict[str, dict[str, str]] | None = None) -> bytes:
+    """Write an uncompressed tar shard of (name, data) members with tarfile; the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=format) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if pax and name in pax:
+                info.pax_headers = pax[name]
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+HEADER_FIELDS = {"name": (0, 100), "mode": (100, 8), "size": (124, 12), "mtime": (136, 12), "typeflag": (156, 1),
+                 "linkname": (157, 100), "magic": (257, 8), "prefix": (345, 155), "sparse": (386, 96),
+                 "realsize": (483, 12)}
+
+
+def number_field(value: int, length: int) -> bytes:
+    """``value`` as tar writes numbers: octal digits, or base-256 (first byte 0x80, or 0xff for negative values)."""
+    if 0 <= value < 8 ** (length - 1):
+        return b"%0*o\0" % (length - 1, value)
+    value %= 256 ** (length - 1)
+    return (b"\xff" if value >= 256 ** (length - 1) // 2 else b"\x80") + value.to_bytes(length - 1, "big")
+
+
+def set_header_field(raw: bytearray, header: int, field: str, value: bytes) -> None:
+    """Overwrite a field of the header block at ``header`` and fix the header's checksum, so tarfile parses it."""
+    start, length = HEADER_FIELDS[field]
+    raw[header + start:header + start + length] = value[:length].ljust(length, b"\0")
+    raw[header + 148:header + 156] = b" " * 8
+    raw[header + 148:header + 156] = b"%06o\0 " % sum(raw[header:header + 512])
+
+
+def shard_with_header_field(header: int, field: str, value: bytes) -> Callable[[Path], str]:
+    """A writer of a shard (an empty image, then its caption) with one header field rewritten."""
+
+    def write(path: Path) -> str:
+        raw = bytearray(write_shard(path, [("k0.png", b""), ("k0.txt", b"caption 0")]))
+        set_header_field(raw, header, field, value)
+        path.write_bytes(raw)
+        return "k0.png"
+
+    return write
+
+
+def shard_with_pax_headers(headers: dict[str, str]) -> Callable[[Path], str]:
+    def write(path: Path) -> str:
+        write_shard(path, [("k0.png", b"png"), ("k0.txt", b"caption 0")], pax={"k0.png": headers})
+        return "k0.png"
+
+    return write
+
+
+def shard_with_a_chain_of_extended_headers(path: Path) -> str:
+    extended = tarfile.TarInfo("././@PaxHeader")
+    extended.type = tarfile.XHDTYPE
+    image = tarfile.TarInfo("k0.png")
+    path.write_bytes(extended.tobuf(tarfile.USTAR_FORMAT) * 3000 + image.tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024)
+    return "k0.png"
+
+
+BROKEN_SHARDS = {
+    # tarfile went back to the header it had just read, and round again, for ever (memory growing)
+    "negative size of the second member": shard_with_header_field(512, "size", number_field(-512, 12)),
+    # ImageLoader: ValueError: read length must be non-negative or -1
+    "negative size of the first member": shard_with_header_field(0, "size", number_field(-512, 12)),
+    # ValueError: cannot fit 'int' into an offset-sized integer
+    "size past any offset": shard_with_header_field(0, "size", number_field(2**80, 12)),
+    # ValueError: invalid literal for int() with base 10: ''
+    "malformed number in a pax header": shard_with_pax_headers({"GNU.sparse.realsize": ""}),
+    "malformed sparse map in a pax header": shard_with_pax_headers({"GNU.sparse.map": "x"}),
+    # the data tarfile would make up for the holes of a sparse file has no bound
+    "sparse file": shard_with_pax_headers({"GNU.sparse.size": str(2**40), "GNU.sparse.map": "0,3"}),
+    # RecursionError
+    "3000 extended headers in a row": shard_with_a_chain_of_extended_headers,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_SHARDS))
+def test_shards_that_trip_tarfile_up_are_dataset_errors(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "shard.tar"
+    member = BROKEN_SHARDS[case](path)
+    with time_limit():
+        with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: not a readable uncompressed tar file"):
+            read_webdataset(path, on_error=lambda error: None)
+        with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: not a readable uncompressed tar file"):
+            ImageLoader().read_bytes(f"{path}::{member}")
