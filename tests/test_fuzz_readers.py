@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
+import json
 import re
 import signal
 import tarfile
@@ -14,8 +16,8 @@ from typing import Any
 import pytest
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import read_webdataset
-from cliptrace.data.record import DatasetError
+from cliptrace.data.readers import read_csv, read_jsonl, read_webdataset
+from cliptrace.data.record import DatasetError, Record
 
 
 class Hang(Exception):
@@ -36,6 +38,23 @@ def time_limit(seconds: float = 10.0) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def collect(read: Callable[..., list[Record]], target: Any, **options: Any) -> tuple[list[Record], list[DatasetError]]:
+    """Records and every problem reported, reading with ``on_error``."""
+    errors: list[DatasetError] = []
+    with time_limit():
+        records = read(target, on_error=errors.append, **options)
+    return records, errors
+
+
+def write_rows(path: Path, rows: list[list[str]], delimiter: str = ",", bom: bool = False, newline: str = "\r\n",
+               quoting: int = csv.QUOTE_MINIMAL) -> str:
+    """Write CSV rows with the csv module; the text written."""
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, delimiter=delimiter, lineterminator=newline, quoting=quoting).writerows(rows)
+    path.write_text(buffer.getvalue(), encoding="utf-8-sig" if bom else "utf-8", newline="")
+    return buffer.getvalue()
 
 
 def write_shard(path: Path, members: list[tuple[str, bytes]], format: int = tarfile.PAX_FORMAT,
@@ -127,3 +146,19 @@ def test_shards_that_trip_tarfile_up_are_dataset_errors(tmp_path: Path, case: st
             read_webdataset(path, on_error=lambda error: None)
         with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: not a readable uncompressed tar file"):
             ImageLoader().read_bytes(f"{path}::{member}")
+
+
+@pytest.mark.parametrize("image", [".", "/", " / ", "./."])
+def test_an_image_path_without_a_file_name_and_no_id_is_a_broken_row(tmp_path: Path, image: str) -> None:
+    """pathlib raised ValueError ("PurePosixPath('.') has an empty name") making the default id."""
+    problem = f"no id, and the image path {image.strip()!r} has no file name to make one from"
+    csv_path = tmp_path / "data.csv"
+    write_rows(csv_path, [["filepath", "title"], ["a.png", "fine"], [image, "a caption"]])
+    jsonl_path = tmp_path / "data.jsonl"
+    jsonl_path.write_text(f'{{"image": "a.png", "caption": "fine"}}\n{json.dumps({"image": image, "caption": "x"})}\n')
+    for read, path, line in ((read_csv, csv_path, 3), (read_jsonl, jsonl_path, 2)):
+        records, errors = collect(read, path)
+        assert records == [Record("a", str(tmp_path / "a.png"), ("fine",))]
+        assert [str(error) for error in errors] == [f"{path}, line {line}: {problem}"]
+        with pytest.raises(DatasetError, match=re.escape(f"{path}, line {line}: {problem}")):
+            read(path)

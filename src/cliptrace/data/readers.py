@@ -143,7 +143,10 @@ def _image_path(value: Any, root: str, name: str) -> str:
 
 def _default_id(image: str) -> str:
     """The id of a record without one: its image path as written, without the extension."""
-    return str(PurePosixPath(image.strip()).with_suffix(""))
+    path = PurePosixPath(image.strip())
+    if not path.name:
+        raise _Broken(f"no id, and the image path {image.strip()!r} has no file name to make one from")
+    return str(path.with_suffix(""))
 
 
 def _root(path: Path, image_root: str | Path | None) -> str:
