@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import read_csv, read_jsonl, read_webdataset
+from cliptrace.data.readers import load_records, read_coco, read_csv, read_jsonl, read_karpathy, read_webdataset
 from cliptrace.data.record import DatasetError, Record
 
 
@@ -162,3 +162,27 @@ def test_an_image_path_without_a_file_name_and_no_id_is_a_broken_row(tmp_path: P
         assert [str(error) for error in errors] == [f"{path}, line {line}: {problem}"]
         with pytest.raises(DatasetError, match=re.escape(f"{path}, line {line}: {problem}")):
             read(path)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("[" * 100_000, "nested too deeply"),  # RecursionError
+    ("1" * 5000, "Exceeds the limit (4300 digits) for integer string conversion"),  # ValueError
+])
+def test_json_nested_too_deeply_or_with_too_long_integers_is_invalid_json(tmp_path: Path, text: str,
+                                                                          problem: str) -> None:
+    invalid = re.escape(f"invalid JSON ({problem}")
+    for name, read in (("captions.json", read_coco), ("dataset.json", read_karpathy), ("data.json", load_records)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DatasetError, match=rf"^{re.escape(str(tmp_path / name))}: {invalid}"):
+            read(tmp_path / name)
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"image": "a.png", "caption": "fine"}\n' + text + "\n")
+    records, errors = collect(read_jsonl, path)
+    assert [record.id for record in records] == ["a"]
+    assert [(error.location, error.problem.startswith(f"invalid JSON ({problem}")) for error in errors] == [
+        ("line 2", True)]
+    shard = tmp_path / "shard.tar"
+    write_shard(shard, [("k.png", b""), ("k.json", text.encode())])
+    records, errors = collect(read_webdataset, shard)
+    assert records == [] and [error.location for error in errors] == ["key k"]
+    assert errors[0].problem.startswith(f"invalid JSON in k.json ({problem}")

@@ -172,12 +172,23 @@ def _read_text(path: Path) -> str:
         raise DatasetError(str(path), f"line {line}", "not UTF-8 text") from None
 
 
+def _json_problem(error: ValueError | RecursionError) -> str:
+    """What json.loads found wrong: besides JSONDecodeError it raises RecursionError for values nested too deeply and
+    ValueError for integers with too many digits to convert."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error).partition(";")[0]
+
+
 def _load_json(path: Path) -> Any:
     """The parsed content of a JSON file."""
+    text = _read_text(path)
     try:
-        return json.loads(_read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DatasetError(str(path), f"line {error.lineno}", f"invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        raise DatasetError(str(path), None, f"invalid JSON ({_json_problem(error)})") from None
 
 
 def _is_pattern(text: str) -> bool:
@@ -348,8 +359,8 @@ def read_jsonl(
         try:
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise _Broken(f"invalid JSON ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                raise _Broken(f"invalid JSON ({_json_problem(error)})") from None
             _object_row(_object(row), records, **options)
         except _Broken as broken:
             _report(DatasetError(source, f"line {line}", str(broken)), on_error)
@@ -541,10 +552,11 @@ def _shard_sample(
         raise _Broken(f"several images: {', '.join(member.name for member in images)}")
     meta: dict = {}
     if "json" in parts:
+        text = _member_text(tar, parts["json"])
         try:
-            meta = _object(json.loads(_member_text(tar, parts["json"])))
-        except json.JSONDecodeError as error:
-            raise _Broken(f"invalid JSON in {parts['json'].name} ({error.msg})") from None
+            meta = _object(json.loads(text))
+        except (ValueError, RecursionError) as error:
+            raise _Broken(f"invalid JSON in {parts['json'].name} ({_json_problem(error)})") from None
     caption_key = next((name for name in CAPTION_KEYS if meta.get(name) is not None), None)
     if caption_key is not None:
         captions = _captions(meta[caption_key], caption_key)
