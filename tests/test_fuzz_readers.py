@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records, read_coco, read_csv, read_jsonl, read_karpathy, read_webdataset
+from cliptrace.data.readers import (
+    load_records,
+    read_coco,
+    read_csv,
+    read_image_folder,
+    read_jsonl,
+    read_karpathy,
+    read_webdataset,
+)
 from cliptrace.data.record import DatasetError, Record
 
 
@@ -186,3 +194,12 @@ def test_json_nested_too_deeply_or_with_too_long_integers_is_invalid_json(tmp_pa
     records, errors = collect(read_webdataset, shard)
     assert records == [] and [error.location for error in errors] == ["key k"]
     assert errors[0].problem.startswith(f"invalid JSON in k.json ({problem}")
+
+
+def test_image_folder_with_a_metadata_csv_header_field_over_the_csv_limit(tmp_path: Path) -> None:
+    """csv.Error ("field larger than field limit (131072)") came out of the header sniffing."""
+    (tmp_path / "metadata.csv").write_text("x" * 200_000 + ",text\n")
+    message = rf"^{re.escape(str(tmp_path / 'metadata.csv'))}, line 1: malformed CSV \(field larger than field limit"
+    for read in (read_image_folder, load_records):
+        with pytest.raises(DatasetError, match=message):
+            read(tmp_path)

@@ -647,7 +647,7 @@ def read_image_folder(
     )
     if metadata.suffix == ".jsonl":
         return read_jsonl(metadata, image_key="file_name", **options)
-    header = next(csv.reader(io.StringIO(_read_text(metadata), newline="")), [])
+    _, header = next(_csv_rows(_read_text(metadata), ",", str(metadata)), (1, []))
     caption_key = next((name for name in ("text", "caption", "captions") if name in header), "text")
     return read_csv(metadata, image_key="file_name", caption_key=caption_key, **options)
 
