@@ -365,7 +365,8 @@ def test_truncated_shard_is_an_error_naming_shard_and_key(tmp_path: Path, cut: s
         expected = f"{shard}, key b: the shard is truncated: the file ends inside member b.png (10 of {png_size} bytes)"
     else:
         kept = ["a", "b"]
-        expected = (f"{shard}: the shard is truncated or corrupt: after member b.txt comes neither a whole member "
+        expected = (f"{shard}, byte {offsets['c.png'][0]}: the shard is truncated or corrupt: after member b.txt "
+                    "comes neither a whole member "
                     f"header nor the end-of-archive block (byte {offsets['c.png'][0]} of {end}); any members after it "
                     "are lost")
     with pytest.raises(DatasetError) as raised:

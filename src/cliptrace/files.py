@@ -55,15 +55,16 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         temporary.write_text(text, encoding="utf-8")
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as indented, key-sorted UTF-8 JSON to ``path``."""
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
+    """Write ``data`` as indented UTF-8 JSON to ``path`` (keys sorted unless ``sort_keys`` is False)."""
+    text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n"
+    Path(path).write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
+def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = True) -> None:
     """Write ``data`` as :func:`write_json` does, atomically, so readers never see half a file."""
     with atomic_file(path) as temporary:
-        write_json(temporary, data)
+        write_json(temporary, data, sort_keys)
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:

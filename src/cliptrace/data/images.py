@@ -11,6 +11,7 @@ limit, where PIL refuses, are a :class:`DatasetError` naming the file and its si
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import warnings
 
@@ -18,11 +19,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cliptrace.data.record import DatasetError, Record
-from cliptrace.data.shards import scan_shard
+from cliptrace.data.shards import TAR_ERRORS, scan_shard
 
 SHARD_SEPARATOR = "::"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
-
 
 class ImageLoader:
     """Reads image references as produced by the dataset readers.
@@ -42,7 +42,7 @@ class ImageLoader:
                     scan = scan_shard(tar)
             except FileNotFoundError:
                 raise DatasetError(shard, None, "shard not found") from None
-            except (tarfile.TarError, OSError) as error:
+            except TAR_ERRORS as error:
                 raise DatasetError(shard, None, f"not a readable uncompressed tar file ({error})") from None
             index = {member.name: (member.offset_data, member.size) for member in scan.members}
             self._shards[shard] = index, scan.truncation

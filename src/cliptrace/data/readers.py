@@ -24,7 +24,7 @@ from typing import Any
 
 from cliptrace.data.images import SHARD_SEPARATOR
 from cliptrace.data.record import DatasetError, Record
-from cliptrace.data.shards import scan_shard
+from cliptrace.data.shards import TAR_ERRORS, scan_shard
 
 OnError = Callable[[DatasetError], None] | None
 
@@ -144,7 +144,10 @@ def _image_path(value: Any, root: str, name: str) -> str:
 
 def _default_id(image: str) -> str:
     """The id of a record without one: its image path as written, without the extension."""
-    return str(PurePosixPath(image.strip()).with_suffix(""))
+    path = PurePosixPath(image.strip())
+    if not path.name:
+        raise _Broken(f"no id, and the image path {image.strip()!r} has no file name to make one from")
+    return str(path.with_suffix(""))
 
 
 def _root(path: Path, image_root: str | Path | None) -> str:
@@ -170,12 +173,23 @@ def _read_text(path: Path) -> str:
         raise DatasetError(str(path), f"line {line}", "not UTF-8 text") from None
 
 
+def _json_problem(error: ValueError | RecursionError) -> str:
+    """What json.loads found wrong: besides JSONDecodeError it raises RecursionError for values nested too deeply and
+    ValueError for integers with too many digits to convert."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error).partition(";")[0]
+
+
 def _load_json(path: Path) -> Any:
     """The parsed content of a JSON file."""
+    text = _read_text(path)
     try:
-        return json.loads(_read_text(path))
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise DatasetError(str(path), f"line {error.lineno}", f"invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        raise DatasetError(str(path), None, f"invalid JSON ({_json_problem(error)})") from None
 
 
 def _is_pattern(text: str) -> bool:
@@ -346,8 +360,8 @@ def read_jsonl(
         try:
             try:
                 row = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise _Broken(f"invalid JSON ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                raise _Broken(f"invalid JSON ({_json_problem(error)})") from None
             _object_row(_object(row), records, **options)
         except _Broken as broken:
             _report(DatasetError(source, f"line {line}", str(broken)), on_error)
@@ -539,10 +553,11 @@ def _shard_sample(
         raise _Broken(f"several images: {', '.join(member.name for member in images)}")
     meta: dict = {}
     if "json" in parts:
+        text = _member_text(tar, parts["json"])
         try:
-            meta = _object(json.loads(_member_text(tar, parts["json"])))
-        except json.JSONDecodeError as error:
-            raise _Broken(f"invalid JSON in {parts['json'].name} ({error.msg})") from None
+            meta = _object(json.loads(text))
+        except (ValueError, RecursionError) as error:
+            raise _Broken(f"invalid JSON in {parts['json'].name} ({_json_problem(error)})") from None
     caption_key = next((name for name in CAPTION_KEYS if meta.get(name) is not None), None)
     if caption_key is not None:
         captions = _captions(meta[caption_key], caption_key)
@@ -597,10 +612,13 @@ def read_webdataset(
                     except _Broken as broken:
                         _report(DatasetError(source, f"key {key}", str(broken)), on_error)
                 if scan.truncation:
-                    _report(DatasetError(source, f"key {cut_key}" if cut_key else None, scan.truncation), on_error)
+                    where = f"key {cut_key}" if cut_key else f"byte {scan.cut_offset}"
+                    _report(DatasetError(source, where, scan.truncation), on_error)
+        except DatasetError:
+            raise
         except FileNotFoundError:
             raise DatasetError(source, None, "file not found") from None
-        except (tarfile.TarError, OSError) as error:
+        except TAR_ERRORS as error:
             raise DatasetError(source, None, f"not a readable uncompressed tar file ({error})") from None
     return records.records()
 
@@ -637,7 +655,7 @@ def read_image_folder(
     )
     if metadata.suffix == ".jsonl":
         return read_jsonl(metadata, image_key="file_name", **options)
-    header = next(csv.reader(io.StringIO(_read_text(metadata), newline="")), [])
+    _, header = next(_csv_rows(_read_text(metadata), ",", str(metadata)), (1, []))
     caption_key = next((name for name in ("text", "caption", "captions") if name in header), "text")
     return read_csv(metadata, image_key="file_name", caption_key=caption_key, **options)
 

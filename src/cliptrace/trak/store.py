@@ -239,7 +239,7 @@ class FeatureStore:
             else:
                 self._manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, "settings": requested,
                                   "checkpoints": {}}
-                write_json_atomic(manifest_path, self._manifest)
+                write_json_atomic(manifest_path, self._manifest, sort_keys=False)
 
     def _check_is_store(self) -> None:
         """Refuse an existing directory that holds other things and no manifest."""
@@ -264,21 +264,35 @@ class FeatureStore:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{directory} is not a feature store (no {MANIFEST})")
         settings = dict(cls._read_manifest(manifest_path)["settings"])
-        train_size, proj_dim, dtype = settings.pop("train_size"), settings.pop("proj_dim"), settings.pop("dtype")
+        train_size, proj_dim, dtype = (settings.pop(key, None) for key in ("train_size", "proj_dim", "dtype"))
+        for key, value in (("train_size", train_size), ("proj_dim", proj_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise StoreMismatchError(
+                    f"{manifest_path}: settings.{key} must be a non-negative integer, not {value!r}"
+                )
+        if dtype not in ("float32", "float64"):
+            raise StoreMismatchError(f"{manifest_path}: settings.dtype must be 'float32' or 'float64', not {dtype!r}")
         return cls(directory, train_size, proj_dim, settings, dtype=dtype)
 
     @staticmethod
     def _read_manifest(path: Path) -> dict[str, Any]:
         try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:  # also not UTF-8, nested too deeply, integers too long
             raise StoreMismatchError(f"{path}: not valid JSON ({error})") from None
-        if manifest.get("format") != STORE_FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
             raise StoreMismatchError(f"{path}: not a cliptrace feature store manifest")
         if manifest.get("version") != STORE_VERSION:
             raise StoreMismatchError(
                 f"{path}: store version {manifest.get('version')}, this cliptrace reads version {STORE_VERSION}"
             )
+        if not isinstance(manifest.get("settings"), dict):
+            raise StoreMismatchError(f"{path}: 'settings' must be a JSON object")
+        checkpoints = manifest.get("checkpoints")
+        if not isinstance(checkpoints, dict) or not all(
+            isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) for entry in checkpoints.values()
+        ):
+            raise StoreMismatchError(f"{path}: 'checkpoints' must map each checkpoint id to {{\"fingerprint\": ...}}")
         return manifest
 
     @property
@@ -319,7 +333,7 @@ class FeatureStore:
                                        ("featurized.npy", np.bool_, (self.train_size,))):
                 open_memmap(folder / name, "w+", dtype, shape).flush()  # sparse: no disk used before rows arrive
             self._manifest["checkpoints"][checkpoint] = {"fingerprint": fingerprint}
-            write_json_atomic(self.directory / MANIFEST, self._manifest)
+            write_json_atomic(self.directory / MANIFEST, self._manifest, sort_keys=False)
 
     def fingerprint(self, checkpoint: str) -> str:
         """The model fingerprint ``checkpoint`` was registered with."""
