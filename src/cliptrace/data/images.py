@@ -11,7 +11,6 @@ limit, where PIL refuses, are a :class:`DatasetError` naming the file and its si
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 import warnings
 
