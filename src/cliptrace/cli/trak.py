@@ -41,6 +41,13 @@ TargetSplit = Annotated[str, typer.Option(help="Split of the targets ('' for all
 TargetIds = Annotated[Optional[str], typer.Option(help="Comma-separated record ids: only these targets.")]
 Out = Annotated[Path, typer.Option(help="Directory for scores.npy, topk.csv/json and self_influence.csv.")]
 TopK = Annotated[int, typer.Option(help="Proponents and opponents listed per target.")]
+Devices = Annotated[int, typer.Option(
+    help="Processes per node, each featurizing its shard of the training set and of the targets (on --device; "
+         "launched here, or joined when started by torchrun or SLURM).")]
+NumNodes = Annotated[int, typer.Option(help="Nodes of a distributed job.")]
+CheckpointNames = Annotated[Optional[list[str]], typer.Option(
+    "--checkpoint", help="Checkpoint name of RUN or a checkpoint directory of another run (repeatable); "
+                         "overrides --checkpoints.")]
 OnBadSample = Annotated[Literal["fail", "skip"], typer.Option(
     help="fail: stop at the first broken row or bad image. skip: leave out bad samples (the same checks as "
          "cliptrace train --on-bad-sample skip, so the same training records as that run) and list them in "
@@ -65,18 +72,23 @@ def featurize_command(
     proj_dim: ProjDim = 2048, projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024,
     parameters: Parameters = None, lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32",
     device: Device = "cpu", features: Features = "auto", layer_dim: LayerDim = 32, progress: Progress = True,
-    on_bad_sample: OnBadSample = "fail",
+    on_bad_sample: OnBadSample = "fail", devices: Devices = 1, num_nodes: NumNodes = 1,
+    checkpoint: CheckpointNames = None,
 ) -> None:
     from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
+    from cliptrace.distributed import is_main, launch
     from cliptrace.trak.attribute import featurize
 
     with reported_errors():
-        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
-                             features, layer_dim)
+        ranks = launch(device, devices, num_nodes)
+        settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype,
+                             str(ranks.device) if ranks else device, features, layer_dim)
         policy = BadSamplePolicy(on_bad_sample)
-        result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoints,
+        result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoint or checkpoints,
                            train_split=train_split or None, settings=settings, progress=progress,
-                           on_bad_sample=policy)
+                           on_bad_sample=policy, ranks=ranks)
+        if not is_main(ranks):
+            return
         report = policy.write_report(result.directory / SKIP_REPORT)
     console.print(f"features of {result.train_size} training records under {len(result.checkpoint_ids())} "
                   f"checkpoint(s) in {result.directory}")
@@ -90,12 +102,15 @@ def _print_skipped(summary: str | None) -> None:
 
 
 def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, target_ids: str | None,
-               train_split: str, store: Path | None, checkpoints: int | None, settings, top_k: int,
-               full_scores: bool, out: Path, progress: bool, on_bad_sample: str) -> None:
+               train_split: str, store: Path | None, checkpoints: int | list[str] | None, settings, top_k: int,
+               full_scores: bool, out: Path, progress: bool, on_bad_sample: str, devices: int,
+               num_nodes: int) -> None:
     from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
+    from cliptrace.distributed import launch
     from cliptrace.trak.attribute import attribute, read_records
 
     with reported_errors():
+        ranks = launch(settings.device, devices, num_nodes)
         policy = BadSamplePolicy(on_bad_sample)
         target_records = read_records(targets or data, target_split or None, policy)
         if target_ids:
@@ -110,11 +125,13 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
             run, data, target_records, checkpoints=checkpoints, proj_dim=settings.proj_dim,
             projection=settings.projection, seed=settings.seed, bank_size=settings.bank_size,
             parameters=settings.parameters, lambda_reg=settings.lambda_reg, batch_size=settings.batch_size,
-            score_dtype=settings.score_dtype, device=settings.device, features=settings.features,
-            layer_dim=settings.layer_dim, store_dir=_store_dir(run, store),
+            score_dtype=settings.score_dtype, device=str(ranks.device) if ranks else settings.device,
+            features=settings.features, layer_dim=settings.layer_dim, store_dir=_store_dir(run, store),
             train_split=train_split or None, top_k=top_k, full_scores=full_scores, progress=progress,
-            on_bad_sample=policy,
+            on_bad_sample=policy, ranks=ranks,
         )
+        if result is None:  # another rank scores and writes
+            return
         written = result.save(out)
         report = policy.write_report(out / SKIP_REPORT)
     table = Table(title=f"Top proponents ({len(result.targets)} targets, first 5 shown)")
@@ -139,12 +156,13 @@ def _scoring_command(full_scores: bool):
         seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None, lambda_reg: LambdaReg = 0.0,
         batch_size: BatchSize = 16, dtype: Dtype = "float32", device: Device = "cpu", features: Features = "auto",
         layer_dim: LayerDim = 32, top_k: TopK = 10, out: Out = Path("attribution"), progress: Progress = True,
-        on_bad_sample: OnBadSample = "fail",
+        on_bad_sample: OnBadSample = "fail", devices: Devices = 1, num_nodes: NumNodes = 1,
+        checkpoint: CheckpointNames = None,
     ) -> None:
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
                              features, layer_dim)
-        _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoints, settings, top_k,
-                   full_scores, out, progress, on_bad_sample)
+        _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoint or checkpoints,
+                   settings, top_k, full_scores, out, progress, on_bad_sample, devices, num_nodes)
 
     return command
 

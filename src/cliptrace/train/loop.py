@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric, seed_everything
+from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -215,13 +216,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             dataset.set_epoch(epoch)
             fabric_model.train()
             for batch in dataloader:  # not wrapped by Fabric: it would reset the sampler epoch on resume
-                batch = fabric.to_device(batch)
-                image_features, text_features, scale = fabric_model(
-                    batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-                )
-                loss = contrastive_loss(image_features.float(), text_features.float(), scale.float())
                 optimizer.zero_grad(set_to_none=True)
-                fabric.backward(loss)
+                loss = backward_step(fabric, fabric_model, fabric.to_device(batch))
                 grad_norm = (
                     fabric.clip_gradients(fabric_model, optimizer, max_norm=config.grad_clip)
                     if config.grad_clip
@@ -278,6 +274,27 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         is_main=fabric.global_rank == 0,
         skipped=policy.summary(run_dir / SKIP_REPORT),
     )
+
+
+def backward_step(fabric: Fabric, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Embed a batch, take the contrastive loss against the global batch and run its backward pass.
+
+    Under DDP each process passes its share of the global batch; the gradients DDP averages across processes are
+    then those of the loss of the whole global batch in one process. The loss is computed in at least float32.
+
+    Args:
+        fabric: The Fabric driving the run.
+        model: The DualEncoder as Fabric set it up (wrapped in DDP when distributed).
+        batch: ``pixel_values``, ``input_ids`` and ``attention_mask`` of this process's rows, on its device.
+
+    Returns:
+        The loss of this process's rows (a scalar tensor).
+    """
+    image_features, text_features, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    dtype = torch.promote_types(image_features.dtype, torch.float32)
+    loss = contrastive_loss(image_features.to(dtype), text_features.to(dtype), scale.to(dtype))
+    fabric.backward(loss)
+    return loss
 
 
 def _scalars(metrics: dict) -> dict[str, int | float]:

@@ -27,6 +27,7 @@ from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
+from cliptrace.distributed import Ranks, barrier, is_main, shard_of
 from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
@@ -324,14 +325,19 @@ def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featur
 
 
 def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[Record], train_index: Sequence[int],
-                    loader: ImageLoader, settings: AttributionSettings, description: str, progress: bool) -> None:
+                    loader: ImageLoader, settings: AttributionSettings, description: str, progress: bool,
+                    ranks: Ranks | None) -> None:
     """Featurize the rows of ``store`` still missing under ``checkpoint``, batch by batch (row i is ``records[i]``,
-    ``train_index[i]`` its training index or -1), holding the checkpoint so no other process writes it meanwhile."""
+    ``train_index[i]`` its training index or -1), holding them so no other process writes them meanwhile.
+
+    In a distributed job each process does its shard of the rows (:func:`~cliptrace.trak.store.shard_rows`), and
+    all of them wait for each other at the end."""
+    shard = shard_of(ranks)
     store.add_checkpoint(checkpoint.id, checkpoint.featurizer.fingerprint())
-    store.claim(checkpoint.id)
+    store.claim(checkpoint.id, shard)
     try:
         batches = RecordBatches(checkpoint.model, records, loader, settings.batch_size)
-        chunks = list(batches.chunks(store.missing(checkpoint.id).tolist()))
+        chunks = list(batches.chunks(store.missing(checkpoint.id, shard).tolist()))
         for chunk in track(chunks, description=description, disable=not progress or not chunks):
             features, weights = record_features(checkpoint.featurizer, batches, chunk,
                                                 [train_index[i] for i in chunk], settings.device)
@@ -341,14 +347,17 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[
                 raise ValueError(f"{error}: record id(s) {[records[i].id for i in error.rows[:5]]}") from None
     finally:
         store.release(checkpoint.id)
+    barrier(ranks)
 
 
 def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: list[Record], loader: ImageLoader,
-                          settings: AttributionSettings, progress: bool) -> None:
+                          settings: AttributionSettings, progress: bool, ranks: Ranks | None) -> None:
+    """Featurize the training set under ``checkpoint`` and solve its kernel (on rank 0 of a distributed job)."""
     _featurize_rows(store, checkpoint, train, range(len(train)), loader, settings, f"Featurizing {checkpoint.id}",
-                    progress)
-    if store.kernel(checkpoint.id) is None:
+                    progress, ranks)
+    if is_main(ranks) and store.kernel(checkpoint.id) is None:
         solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
+    barrier(ranks)
 
 
 def featurize(
@@ -361,17 +370,21 @@ def featurize(
     settings: AttributionSettings = AttributionSettings(),
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
+    ranks: Ranks | None = None,
 ) -> FeatureStore:
     """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there).
 
-    ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`.
+    ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`. With ``ranks`` (e.g. a
+    launched :class:`~lightning.fabric.Fabric`, see :mod:`cliptrace.distributed`) every process of the job calls
+    this, each featurizes its shard of the rows into the shared store, and rank 0 solves the kernels; the store is
+    the one a single process would write.
     """
     records = read_records(train, train_split, on_bad_sample)
     loader = ImageLoader()
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
         store = _store(Path(store_dir), records, checkpoint.featurizer, settings, checkpoint_id)
-        _featurize_checkpoint(checkpoint, store, records, loader, settings, progress)
+        _featurize_checkpoint(checkpoint, store, records, loader, settings, progress and is_main(ranks), ranks)
     return store
 
 
@@ -401,8 +414,12 @@ def attribute(
     kernel: str = "trak",
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
-) -> Attribution:
+    ranks: Ranks | None = None,
+) -> Attribution | None:
     """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
+
+    In a distributed job (``ranks``, see :func:`featurize`) the processes share the featurization of the training
+    set and of the targets; rank 0 then scores and returns the attribution, the other ranks return None.
 
     Args:
         model: A DualEncoder, a model directory, or a run directory from ``cliptrace train``.
@@ -432,9 +449,10 @@ def attribute(
         full_scores: Also return the full n × t score matrix.
         kernel: ``"trak"``, the kernel regression (XᵀX + λI)⁻¹; or ``"identity"``, plain projected-gradient dot
             products ``Q̄ ⊙ XΦᵀ`` (TracIn-style, a baseline that TRAK's kernel improves on).
-        progress: Show progress bars.
+        progress: Show progress bars (on rank 0).
         on_bad_sample: For dataset paths: ``"fail"``, ``"skip"`` or a :class:`BadSamplePolicy` (see
             :func:`read_records`).
+        ranks: The processes of a distributed job (see :mod:`cliptrace.distributed`); None for one process.
     """
     if kernel not in ("trak", "identity"):
         raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
@@ -445,8 +463,11 @@ def attribute(
     sources = resolve_checkpoints(model, checkpoints)
     if store_dir is None:
         run = None if isinstance(model, DualEncoder) else Path(model)
+        if (run is None or not list_checkpoints(run)) and shard_of(ranks) is not None:
+            raise ValueError("a distributed attribution needs a store_dir that every process shares")
         store_dir = run / "trak" / "store" if run is not None and list_checkpoints(run) else tempfile.mkdtemp(
             prefix="cliptrace-trak-")
+    progress = progress and is_main(ranks)
     position = {record.id: i for i, record in enumerate(train_records)}
     target_index = [position.get(record.id, -1) for record in target_records]
     loader = ImageLoader()
@@ -454,16 +475,20 @@ def attribute(
     for checkpoint_id, source in sources:
         checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
         store = _store(Path(store_dir), train_records, checkpoint.featurizer, settings, checkpoint_id)
-        _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress)
+        _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress, ranks)
+        targets_store = _target_store(store, target_records, checkpoint.featurizer)
+        _featurize_rows(targets_store, checkpoint, target_records, target_index, loader, settings,
+                        f"Targets under {checkpoint_id}", progress, ranks)
+        if not is_main(ranks):
+            continue
         features, q = store.features(checkpoint_id)
         train_features.append(features)
         loss_weights.append(q)
         kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
                        else identity_kernel(features, settings.torch_dtype))
-        targets_store = _target_store(store, target_records, checkpoint.featurizer)
-        _featurize_rows(targets_store, checkpoint, target_records, target_index, loader, settings,
-                        f"Targets under {checkpoint_id}", progress)
         target_features.append(targets_store.features(checkpoint_id)[0])
+    if not is_main(ranks):
+        return None
     scorer = EnsembleScorer(kernels, train_features, loss_weights)
     exclude = torch.as_tensor(target_index) if max(target_index) >= 0 else None
     return Attribution(

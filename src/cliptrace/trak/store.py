@@ -242,10 +242,12 @@ class FeatureStore:
                 write_json_atomic(manifest_path, self._manifest, sort_keys=False)
 
     def _check_is_store(self) -> None:
-        """Refuse an existing directory that holds other things and no manifest."""
+        """Refuse an existing directory that holds other things than a store (or a store being created) does."""
         if not self.directory.is_dir() or (self.directory / MANIFEST).is_file():
             return
-        if any(path.name != MANIFEST_LOCK for path in self.directory.iterdir()):
+        # the manifest lock, and a temporary manifest that a process killed while creating the store left behind
+        if any(path.name != MANIFEST_LOCK and not path.name.startswith(".manifest.")
+               for path in self.directory.iterdir()):
             raise StoreMismatchError(f"{self.directory} is not empty and holds no {MANIFEST}: not a feature store")
 
     @contextmanager
