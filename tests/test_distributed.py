@@ -148,3 +148,21 @@ def test_separate_jobs_featurize_checkpoints_of_one_run_into_one_store(run: tupl
         assert np.load(folder / "featurized.npy").all() and (folder / "kernel.npy").is_file()
         alone = np.load(tmp_path / "alone" / "checkpoints" / checkpoint / "features.npy")
         assert _relative(np.load(folder / "features.npy"), alone) <= 1e-6
+
+
+# --- data at scale ------------------------------------------------------------------------------------------
+
+
+def test_two_processes_with_two_workers_each_train_on_a_single_webdataset_shard(tmp_path: Path) -> None:
+    """More processes × workers (4) than shards (1): samples are read by offset, so nothing starves or hangs, and
+    the run follows the one-process trajectory."""
+    world = generate_shapes_world(tmp_path / "world", n_images=40, seed=4, format="wds", shard_size=1000)
+    assert [path.name for path in world.glob("*.tar")] == ["shard-000000.tar"]
+    options = ["--image-size", "32", "--vocab-size", "300", "--epochs", "2", "--batch-size", "8", "--warmup-steps",
+               "1", "--seed", "5", "--eval-split", "", "--no-progress", "--accelerator", "cpu"]
+    _cliptrace("train", world, "--out", tmp_path / "two", "--devices", 2, "--strategy", "ddp", "--num-workers", 2,
+               *options)
+    _cliptrace("train", world, "--out", tmp_path / "one", *options)
+    two, one = load_model(tmp_path / "two" / "model").state_dict(), load_model(tmp_path / "one" / "model").state_dict()
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
