@@ -102,7 +102,8 @@ def test_two_process_featurization_and_scoring_equal_one_process(run: tuple[Path
                    *TRAK)
     for checkpoint in ("epoch-0001", "epoch-0002"):
         for name in ("features.npy", "loss_weights.npy", "featurized.npy", "kernel.npy"):
-            one, two = (np.load(tmp_path / job / "store" / "checkpoints" / checkpoint / name) for job in ("one", "two"))
+            one, two = (np.load(tmp_path / job / "store" / "checkpoints" / checkpoint / name)
+                        for job in ("one", "two"))
             assert one.shape == two.shape and _relative(two, one) <= 1e-6, (checkpoint, name)
     targets = [folder for folder in (tmp_path / "one" / "store" / "targets").iterdir()]
     assert len(targets) == 1
