@@ -19,14 +19,13 @@ import os
 import re
 import signal
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -42,23 +41,7 @@ from cliptrace.data.readers import (
     read_webdataset,
 )
 from cliptrace.data.record import DatasetError, Record
-
-
-SCALE = int(os.environ.get("CLIPTRACE_FUZZ_SCALE", "1"))
-
-
-def fuzz(max_examples: int) -> settings:
-    """Reproducible settings: the same examples on every run, no example database, no deadline (file I/O).
-
-    CLIPTRACE_FUZZ_SCALE=N runs N times as many examples, new ones on every run, for a longer search.
-    """
-    return settings(
-        max_examples=max_examples * SCALE,
-        derandomize=SCALE == 1,
-        database=None,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
-    )
+from fuzzing import fuzz, workdir
 
 
 class Hang(Exception):
@@ -79,13 +62,6 @@ def time_limit(seconds: float = 10.0) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def workdir() -> Iterator[Path]:
-    """A fresh temporary directory per example (pytest's tmp_path is shared by all examples of a test)."""
-    with tempfile.TemporaryDirectory() as name:
-        yield Path(name)
 
 
 # ------------------------------------------------------------------------------------------------------ strategies

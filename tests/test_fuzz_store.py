@@ -7,18 +7,15 @@ by its dotted key; checkpoint ids are refused or round trip with their fingerpri
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from cliptrace.trak.store import (
@@ -29,25 +26,7 @@ from cliptrace.trak.store import (
     StoreMismatchError,
     settings_differences,
 )
-
-
-SCALE = int(os.environ.get("CLIPTRACE_FUZZ_SCALE", "1"))
-
-
-def fuzz(max_examples: int) -> settings:
-    """Reproducible settings: the same examples on every run, no example database, no deadline (file I/O).
-
-    CLIPTRACE_FUZZ_SCALE=N runs N times as many examples, new ones on every run, for a longer search.
-    """
-    return settings(max_examples=max_examples * SCALE, derandomize=SCALE == 1, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-
-
-@contextlib.contextmanager
-def workdir() -> Iterator[Path]:
-    """A fresh temporary directory per example (pytest's tmp_path is shared by all examples of a test)."""
-    with tempfile.TemporaryDirectory() as name:
-        yield Path(name)
+from fuzzing import fuzz, workdir
 
 
 RESERVED = {"train_size", "proj_dim", "dtype"}  # the store's own settings
