@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,50 @@ def test_two_processes_with_two_workers_each_train_on_a_single_webdataset_shard(
     two, one = load_model(tmp_path / "two" / "model").state_dict(), load_model(tmp_path / "one" / "model").state_dict()
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_two_process_training_run_resumes_to_the_uninterrupted_run(run: tuple[Path, Path], tmp_path: Path) -> None:
+    world, _ = run
+    options = ["--image-size", "32", "--vocab-size", "300", "--batch-size", "8", "--warmup-steps", "1", "--seed", "6",
+               "--eval-split", "", "--no-progress", "--accelerator", "cpu", "--devices", 2, "--strategy", "ddp"]
+    _cliptrace("train", world, "--out", tmp_path / "straight", "--epochs", 2, *options)
+    _cliptrace("train", world, "--out", tmp_path / "resumed", "--epochs", 2, *options)
+    # a crash during epoch 2: only the epoch-1 checkpoint survives (the log keeps the rows of the lost steps)
+    for lost in (tmp_path / "resumed" / "checkpoints" / "epoch-0002", tmp_path / "resumed" / "model"):
+        shutil.rmtree(lost)
+    _cliptrace("train", world, "--out", tmp_path / "resumed", "--epochs", 2, "--resume", *options)
+    straight = load_model(tmp_path / "straight" / "model").state_dict()
+    resumed = load_model(tmp_path / "resumed" / "model").state_dict()
+    assert all(torch.equal(resumed[name], value) for name, value in straight.items())
+    assert (tmp_path / "resumed" / "train.csv").read_text() == (tmp_path / "straight" / "train.csv").read_text()
+
+
+def _traker_shard(fabric: Fabric, save_dir: str) -> None:
+    """The traker verbs on 2 processes: each featurizes its shard of the rows; rank 0 finalizes and scores."""
+    from cliptrace.trak import TRAKer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(12, 6, generator=generator), torch.randint(0, 4, (12,), generator=generator)
+    traker = TRAKer(model=model, task="image_classification", train_set_size=10, save_dir=save_dir, proj_dim=None,
+                    device="cpu", lambda_reg=0.1)
+    traker.load_checkpoint(model.state_dict(), model_id=0)
+    if fabric.world_size > 1:
+        traker.store.claim("0", shard=(fabric.global_rank, fabric.world_size))
+    rows = range(10) if fabric.world_size == 1 else range(5 * fabric.global_rank, 5 * fabric.global_rank + 5)
+    traker.featurize((images[list(rows)], labels[list(rows)]), inds=list(rows))
+    traker.store.release()
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        traker.finalize_features()
+        traker.start_scoring_checkpoint("exp", model.state_dict(), model_id=0, num_targets=2)
+        traker.score((images[10:], labels[10:]), num_samples=2)
+        traker.finalize_scores("exp")
+
+
+def test_traker_verbs_run_sharded_over_processes(tmp_path: Path) -> None:
+    _traker_shard(Fabric(accelerator="cpu", devices=1), str(tmp_path / "one"))
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(_traker_shard, str(tmp_path / "two"))
+    one, two = (np.load(tmp_path / job / "scores" / "exp.npy") for job in ("one", "two"))
+    assert _relative(two, one) <= 1e-6
