@@ -127,8 +127,8 @@ def test_featurize_and_score_killed_at_random_points_resume_to_the_uninterrupted
                 continue
             done = np.load(folder / "featurized.npy")
             features = np.load(folder / "features.npy")
-            if done.any():
-                assert _close(features[done], reference_features[checkpoint][done]) <= 1e-6
+            if done.any():  # rows are computed in fixed batches, so a resumed job repeats the same arithmetic
+                assert np.array_equal(features[done], reference_features[checkpoint][done])
             assert done.all() or not (folder / "kernel.npy").exists()
         # An output folder is complete exactly when it holds ids.json.
         if (crashed / "out" / "ids.json").is_file():
@@ -138,7 +138,7 @@ def test_featurize_and_score_killed_at_random_points_resume_to_the_uninterrupted
     kills = _kill_and_resume(command("crashed"), work, seed=0, check=check)
     assert len(kills) == KILLS, f"the job finished after {len(kills)} kills; the kill times are too long"
     scores, expected = np.load(crashed / "out" / "scores.npy"), np.load(reference / "out" / "scores.npy")
-    assert _close(scores, expected) <= 1e-6
+    assert np.array_equal(scores, expected)
     for name in ("topk.csv", "self_influence.csv"):
         with open(crashed / "out" / name, newline="") as left, open(reference / "out" / name, newline="") as right:
             got, want = list(csv.DictReader(left)), list(csv.DictReader(right))

@@ -117,12 +117,14 @@ def test_processes_write_disjoint_shards_side_by_side_but_not_the_same_shard(tmp
     np.testing.assert_array_equal(store.features("ck")[0], _rows(range(N))[0])
 
 
-def test_shards_partition_the_rows() -> None:
+def test_shards_partition_the_rows_on_aligned_boundaries() -> None:
     for size in (0, 1, 7, 10, 1001):
         for count in (1, 2, 3, 8):
-            blocks = [shard_rows(size, (index, count)) for index in range(count)]
-            assert [row for block in blocks for row in block] == list(range(size))
-            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+            for align in (1, 4, 5, 16):
+                blocks = [shard_rows(size, (index, count), align) for index in range(count)]
+                assert [row for block in blocks for row in block] == list(range(size))
+                assert all(block.start % align == 0 or block.start == size for block in blocks)
+                assert max(map(len, blocks)) - min(map(len, blocks)) <= (1 if align == 1 else 2 * align + 1)
     with pytest.raises(ValueError, match="0 <= index < count"):
         shard_rows(10, (2, 2))
 

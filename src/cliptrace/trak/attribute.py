@@ -330,14 +330,17 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[
     """Featurize the rows of ``store`` still missing under ``checkpoint``, batch by batch (row i is ``records[i]``,
     ``train_index[i]`` its training index or -1), holding them so no other process writes them meanwhile.
 
-    In a distributed job each process does its shard of the rows (:func:`~cliptrace.trak.store.shard_rows`), and
-    all of them wait for each other at the end."""
-    shard = shard_of(ranks)
+    Rows are computed in fixed batches, rows ``[b·batch_size, (b + 1)·batch_size)`` (the missing ones of them), so
+    a row is computed in the same batch however the job is split or resumed: float32 results do not depend on it.
+    In a distributed job each process does its shard of the rows (:func:`~cliptrace.trak.store.shard_rows`, on
+    batch boundaries), and all of them wait for each other at the end."""
     store.add_checkpoint(checkpoint.id, checkpoint.featurizer.fingerprint())
-    store.claim(checkpoint.id, shard)
+    rows = store.claim(checkpoint.id, shard_of(ranks), align=settings.batch_size)
     try:
         batches = RecordBatches(checkpoint.model, records, loader, settings.batch_size)
-        chunks = list(batches.chunks(store.missing(checkpoint.id, shard).tolist()))
+        missing = store.missing(checkpoint.id, rows)
+        batch_starts = np.flatnonzero(np.diff(missing // settings.batch_size)) + 1
+        chunks = [block.tolist() for block in np.split(missing, batch_starts) if block.size]
         for chunk in track(chunks, description=description, disable=not progress or not chunks):
             features, weights = record_features(checkpoint.featurizer, batches, chunk,
                                                 [train_index[i] for i in chunk], settings.device)

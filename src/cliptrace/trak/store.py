@@ -101,12 +101,23 @@ class StoreBusyError(OSError):
         return str(self.strerror)
 
 
-def shard_rows(size: int, shard: Shard) -> range:
-    """The contiguous block of ``size`` rows that ``shard = (index, count)`` owns; blocks differ by at most one row."""
+def shard_rows(size: int, shard: Shard, align: int = 1) -> range:
+    """The contiguous block of ``size`` rows that ``shard = (index, count)`` owns.
+
+    Blocks differ by at most one row, or, with ``align``, every boundary between blocks is moved to the nearest
+    multiple of ``align`` (so a block of ``align`` rows, e.g. a batch, never straddles two shards; blocks then
+    differ by at most ``2·align + 1`` rows, and some may be empty when ``size`` is small).
+    """
     index, count = shard
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
-    return range(size * index // count, size * (index + 1) // count)
+    if align < 1:
+        raise ValueError(f"align must be at least 1, got {align}")
+
+    def boundary(position: int) -> int:
+        return size if position == count else min(size, (size * position // count + align // 2) // align * align)
+
+    return range(boundary(index), boundary(index + 1))
 
 
 class _FileLock:
@@ -344,8 +355,10 @@ class FeatureStore:
 
     # -- writing ---------------------------------------------------------------------------------------------
 
-    def claim(self, checkpoint: str, shard: Shard | None = None) -> None:
+    def claim(self, checkpoint: str, shard: Shard | None = None, align: int = 1) -> range:
         """Reserve ``checkpoint`` (or one shard of its rows, see :func:`shard_rows`) for writing by this instance.
+
+        Every process writing shards of one checkpoint must pass the same ``align``. Returns the rows claimed.
 
         Raises:
             StoreBusyError: Another process holds the checkpoint, or the same shard, or (for a whole-checkpoint
@@ -353,11 +366,13 @@ class FeatureStore:
             ValueError: This instance already holds the checkpoint under another shard.
         """
         folder = self._dir(checkpoint)
+        rows = range(self.train_size) if shard is None else shard_rows(self.train_size, shard, align)
         held = self._claims.get(checkpoint)
         if held is not None:
-            if held.shard != shard:
-                raise ValueError(f"checkpoint {checkpoint!r} is already claimed as shard {held.shard}, not {shard}")
-            return
+            if held.rows != rows:
+                raise ValueError(f"checkpoint {checkpoint!r} is already claimed as shard {held.shard} "
+                                 f"(rows {held.rows.start}..{held.rows.stop - 1}), not {shard}")
+            return rows
         name = f"checkpoint {checkpoint!r} of feature store {self.directory}"
         writer = folder / "writer.lock"
         try:
@@ -371,8 +386,8 @@ class FeatureStore:
             except BlockingIOError:
                 locks[0].release()
                 raise _busy(f"shard {shard[0]} of {shard[1]} of {name}", lock) from None
-        rows = range(self.train_size) if shard is None else shard_rows(self.train_size, shard)
         self._claims[checkpoint] = _Claim(shard, rows, locks)
+        return rows
 
     def release(self, checkpoint: str | None = None) -> None:
         """Give up the claim on ``checkpoint`` (every claim when None)."""
@@ -395,12 +410,11 @@ class FeatureStore:
         """(n,) bool: which training examples have features for ``checkpoint``."""
         return np.array(np.load(self._dir(checkpoint) / "featurized.npy", mmap_mode="r"))
 
-    def missing(self, checkpoint: str, shard: Shard | None = None) -> np.ndarray:
-        """Sorted training indices still to featurize for ``checkpoint`` (only those of ``shard`` when given)."""
+    def missing(self, checkpoint: str, rows: range | None = None) -> np.ndarray:
+        """Sorted training indices still to featurize for ``checkpoint`` (only those in ``rows`` when given)."""
         missing = np.flatnonzero(~self.featurized(checkpoint))
-        if shard is None:
+        if rows is None:
             return missing
-        rows = shard_rows(self.train_size, shard)
         return missing[(missing >= rows.start) & (missing < rows.stop)]
 
     def is_complete(self, checkpoint: str) -> bool:
