@@ -42,6 +42,9 @@ def train_command(
     save_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 1,
     keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 keeps all).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    stream: Annotated[bool, typer.Option(
+        help="Stream WebDataset shards (whole shards per reader) instead of holding every record in memory; needs at "
+             "least devices × num_nodes × max(num_workers, 1) shards.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     on_bad_sample: Annotated[Literal["fail", "skip"], typer.Option(
         help="fail: stop at the first broken row or bad image. skip: decode every train/eval image once up front, "
@@ -60,6 +63,7 @@ def train_command(
             warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed,
             save_every=save_every, keep_checkpoints=keep_checkpoints, progress=progress, on_bad_sample=on_bad_sample,
+            stream=stream,
         )
         result = train(config, resume=resume)
     if not result.is_main:

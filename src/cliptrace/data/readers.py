@@ -748,6 +748,18 @@ def load_records(path: str | Path, format: str = "auto", **options: Any) -> list
     )
 
 
+def list_shards(path: str | Path) -> list[Path]:
+    """The shards of a WebDataset path (a ``.tar`` file, a glob, or a directory of shards or with ``shards/``).
+
+    Raises:
+        DatasetError: The path holds another kind of dataset, or no shards.
+    """
+    detected, target = _locate(Path(path))
+    if detected != "webdataset":
+        raise DatasetError(str(path), None, f"holds a {detected} dataset, not WebDataset .tar shards")
+    return _shards(target)
+
+
 def select_split(records: Sequence[Record], split: str | None) -> list[Record]:
     """The records of one split, in order; every record when ``split`` is None."""
     return [record for record in records if split is None or record.split == split]

@@ -50,6 +50,9 @@ class TrainConfig:
         on_bad_sample: ``"fail"`` on the first broken row or bad image, or ``"skip"`` them: every image of the train
             and eval records is decoded once up front, and what is skipped is listed in ``RUN/skipped.csv`` (see
             :mod:`cliptrace.data.policy`).
+        stream: Stream WebDataset shards instead of holding every record in memory (see
+            :mod:`cliptrace.data.stream`): needs at least ``processes × max(num_workers, 1)`` shards, and the
+            data order then depends on that product.
     """
 
     data: str
@@ -80,6 +83,7 @@ class TrainConfig:
     cache_images: bool = True
     progress: bool = True
     on_bad_sample: str = "fail"
+    stream: bool = False
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "devices", "num_nodes", "save_every", "vocab_size")
@@ -92,6 +96,9 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         check_policy(self.on_bad_sample)
+        if self.stream and (self.train_ids is not None or self.on_bad_sample != "fail"):
+            raise ValueError("stream reads shards as they come: it cannot select train_ids or skip bad samples "
+                             "(which need every record up front); check the data with `cliptrace data check`")
 
     def save(self, path: Path) -> None:
         """Write the config as JSON (atomically)."""

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric, seed_everything
-from torch import nn
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.pairs import PairDataset, make_collate
 from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
 from cliptrace.data.readers import select_split
+from cliptrace.data.stream import ShardIndex, ShardStream, check_shard_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
@@ -33,6 +35,8 @@ from cliptrace.train.config import TrainConfig
 from cliptrace.train.loss import contrastive_loss
 from cliptrace.train.metrics_log import MetricsLog
 from cliptrace.train.optim import build_optimizer
+
+STREAM_TOKENIZER_CAPTIONS = 200_000  # captions a new model's tokenizer is trained on when streaming
 
 
 @dataclass
@@ -75,11 +79,12 @@ def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | No
     return run_dir, latest
 
 
-def _new_model(config: TrainConfig, train_records: list[Record]) -> DualEncoder:
-    """A model to start from: the given model directory, or a new HF CLIP with a tokenizer trained on the captions."""
+def _new_model(config: TrainConfig, captions: Callable[[], list[str]]) -> DualEncoder:
+    """A model to start from: the given model directory, or a new HF CLIP with a tokenizer trained on the
+    training captions (``captions()``, called only then)."""
     if config.model is not None:
         return load_model(config.model)
-    captions = [caption for record in train_records for caption in record.captions]
+    captions = captions()
     preset_context = HFCLIP.preset_context_length(config.preset)
     tokenizer = train_tokenizer(captions, vocab_size=config.vocab_size, context_length=preset_context)
     return HFCLIP.from_preset(config.preset, tokenizer, image_size=config.image_size)
@@ -117,11 +122,42 @@ def initial_model(config: TrainConfig) -> DualEncoder:
 
     Training from a saved copy of it (``TrainConfig.model``) with the same settings reproduces the run.
     """
+    if config.stream:
+        index = ShardIndex.scan(config.data, config.train_split)
+        seed_everything(config.seed, verbose=False)
+        return _new_model(config, lambda: index.captions(config.train_split, STREAM_TOKENIZER_CAPTIONS))
     policy = BadSamplePolicy(config.on_bad_sample)
     records = policy.load(config.data, format=config.data_format)
     train_records = policy.screen(select_split(records, config.train_split))
     seed_everything(config.seed, verbose=False)
-    return _new_model(config, train_records)
+    return _new_model(config, lambda: _captions(train_records))
+
+
+def _captions(records: list[Record]) -> list[str]:
+    return [caption for record in records for caption in record.captions]
+
+
+def _pair_loader(config: TrainConfig, train_records: list[Record], model: DualEncoder, loader: ImageLoader,
+                 world: int, rank: int) -> tuple[DataLoader, PairDataset, DistributedSampler]:
+    """The DataLoader of the training records, each process reading its share of every epoch."""
+    dataset = PairDataset(train_records, model.preprocess, loader=loader, caption_choice="random", seed=config.seed,
+                          cache_images=config.cache_images)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
+                                 drop_last=True)
+    dataloader = DataLoader(dataset, batch_size=config.batch_size // world, sampler=sampler, drop_last=True,
+                            collate_fn=make_collate(model.tokenize), num_workers=config.num_workers)
+    return dataloader, dataset, sampler
+
+
+def _stream_loader(config: TrainConfig, index: ShardIndex, model: DualEncoder, world: int, rank: int
+                   ) -> tuple[DataLoader, ShardStream]:
+    """The DataLoader of streamed shards (see :mod:`cliptrace.data.stream`)."""
+    check_shard_split(len(index.shards), world, config.num_workers)
+    dataset = ShardStream(index, model.preprocess, train_split=config.train_split, rank=rank, world=world,
+                          batch_size=config.batch_size // world, seed=config.seed)
+    dataloader = DataLoader(dataset, batch_size=config.batch_size // world, drop_last=True,
+                            collate_fn=make_collate(model.tokenize), num_workers=config.num_workers)
+    return dataloader, dataset
 
 
 def _progress(enabled: bool) -> Progress:
@@ -162,13 +198,21 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
 
     loader = ImageLoader()
     policy = BadSamplePolicy(config.on_bad_sample, loader)
-    train_records, eval_records = _records(config, policy)
+    if config.stream:
+        index = ShardIndex.scan(config.data, config.train_split)
+        eval_records = select_split(index.held_out, config.eval_split) if config.eval_split else []
+        train_count = index.samples
+        captions = lambda: index.captions(config.train_split, STREAM_TOKENIZER_CAPTIONS)  # noqa: E731
+    else:
+        train_records, eval_records = _records(config, policy)
+        train_count = len(train_records)
+        captions = lambda: _captions(train_records)  # noqa: E731
     if resuming and policy.skips and not policy.matches_report(run_dir / SKIP_REPORT):
         raise ValueError(f"{run_dir / SKIP_REPORT}: the data no longer gives the samples this run skipped; it changed "
                          "since the run started, and resuming would train on other records")
-    if len(train_records) < config.batch_size:
+    if train_count < config.batch_size:
         raise ValueError(
-            f"{config.data}: split {config.train_split!r} has {len(train_records)} records, "
+            f"{config.data}: split {config.train_split!r} has {train_count} records, "
             f"fewer than one batch of {config.batch_size}"
         )
 
@@ -177,26 +221,19 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         model = load_model(latest)
         state = load_training_state(latest)
     else:
-        model = _new_model(config, train_records)
+        model = _new_model(config, captions)
         state = None
     if fabric.global_rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         policy.write_report(run_dir / SKIP_REPORT)
         config.save(run_dir / "config.json")
 
-    local_batch = config.batch_size // world
-    dataset = PairDataset(
-        train_records, model.preprocess, loader=loader, caption_choice="random", seed=config.seed,
-        cache_images=config.cache_images,
-    )
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=fabric.global_rank, shuffle=True, seed=config.seed, drop_last=True
-    )
-    dataloader = DataLoader(
-        dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
-        collate_fn=make_collate(model.tokenize), num_workers=config.num_workers,
-    )
-    steps_per_epoch = len(dataloader)
+    if config.stream:
+        dataloader, dataset = _stream_loader(config, index, model, world, fabric.global_rank)
+        sampler, steps_per_epoch = None, dataset.steps()
+    else:
+        dataloader, dataset, sampler = _pair_loader(config, train_records, model, loader, world, fabric.global_rank)
+        steps_per_epoch = len(dataloader)
     optimizer, scheduler = build_optimizer(
         model, config.lr, config.weight_decay, config.warmup_steps, config.epochs * steps_per_epoch
     )
@@ -212,7 +249,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     with _progress(config.progress and fabric.global_rank == 0) as progress:
         task = progress.add_task("train", total=config.epochs * steps_per_epoch, completed=step, status="")
         for epoch in range(start_epoch, config.epochs):
-            sampler.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             fabric_model.train()
             for batch in dataloader:  # not wrapped by Fabric: it would reset the sampler epoch on resume
