@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.shapes import generate_shapes_world
-from cliptrace.data.stream import ShardIndex, ShardStream, check_shard_split
+from cliptrace.data.stream import ShardIndex, ShardRecords, ShardStream, check_shard_split
 from cliptrace.data.transforms import ImageTransform
 from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, train
@@ -112,3 +112,30 @@ def test_two_processes_with_two_workers_each_stream_four_shards(shards: Path, tm
     steps = ShardIndex.scan(shards, "train").samples // 8
     logged = (tmp_path / "run" / "train.csv").read_text().splitlines()
     assert len(logged) == 1 + 2 * steps
+
+
+def test_streamed_records_are_the_records_read_one_shard_at_a_time(shards: Path) -> None:
+    records = ShardRecords(ShardIndex.scan(shards, "train"), "train")
+    expected = select_split(load_records(shards), "train")
+    assert len(records) == len(expected) and list(records) == expected
+    assert [records[i] for i in (17, 3, -1)] == [expected[17], expected[3], expected[-1]]
+    assert records._held[0] == 3 and len(records._held[1]) == 8  # only the shard read last is held
+    with pytest.raises(IndexError):
+        records[len(expected)]
+
+
+def test_streamed_featurization_writes_the_store_of_the_record_list(shards: Path, tmp_path: Path) -> None:
+    train(TrainConfig(data=str(shards), out=str(tmp_path / "run"), preset="tiny", image_size=32, vocab_size=300,
+                      epochs=1, batch_size=8, warmup_steps=1, eval_split=None, progress=False))
+    options = ["--proj-dim", "16", "--lambda-reg", "1", "--bank-size", "8", "--batch-size", "5", "--no-progress"]
+    cliptrace = str(Path(sys.executable).with_name("cliptrace"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("list", []), ("stream", ["--stream"]), ("stream2", ["--stream", "--devices", "2"])):
+        result = subprocess.run([cliptrace, "trak", "featurize", str(tmp_path / "run"), str(shards), "--store",
+                                 str(tmp_path / name), *options, *extra], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    folder = Path("checkpoints") / "epoch-0001"
+    for name in ("stream", "stream2"):
+        assert (tmp_path / name / "manifest.json").read_text() == (tmp_path / "list" / "manifest.json").read_text()
+        for array in ("features.npy", "loss_weights.npy", "kernel.npy"):
+            assert (tmp_path / name / folder / array).read_bytes() == (tmp_path / "list" / folder / array).read_bytes()

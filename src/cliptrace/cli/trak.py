@@ -74,17 +74,25 @@ def featurize_command(
     device: Device = "cpu", features: Features = "auto", layer_dim: LayerDim = 32, progress: Progress = True,
     on_bad_sample: OnBadSample = "fail", devices: Devices = 1, num_nodes: NumNodes = 1,
     checkpoint: CheckpointNames = None,
+    stream: Annotated[bool, typer.Option(
+        help="DATA is WebDataset shards: read the training records one shard at a time instead of holding them all "
+             "in memory (the same records and store as without it; not with --on-bad-sample skip).")] = False,
 ) -> None:
     from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
+    from cliptrace.data.stream import ShardIndex, ShardRecords
     from cliptrace.distributed import is_main, launch
     from cliptrace.trak.attribute import featurize
 
     with reported_errors():
+        if stream and (on_bad_sample != "fail" or not train_split):
+            raise ValueError("--stream reads the shards of one --train-split as they come; it cannot skip bad "
+                             "samples up front")
         ranks = launch(device, devices, num_nodes)
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype,
                              str(ranks.device) if ranks else device, features, layer_dim)
         policy = BadSamplePolicy(on_bad_sample)
-        result = featurize(run, data, store_dir=_store_dir(run, store), checkpoints=checkpoint or checkpoints,
+        train = ShardRecords(ShardIndex.scan(data, train_split), train_split) if stream else data
+        result = featurize(run, train, store_dir=_store_dir(run, store), checkpoints=checkpoint or checkpoints,
                            train_split=train_split or None, settings=settings, progress=progress,
                            on_bad_sample=policy, ranks=ranks)
         if not is_main(ranks):

@@ -11,7 +11,7 @@ fewer samples, so every rank takes the same number of steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.readers import list_shards, read_webdataset
-from cliptrace.data.record import Record
+from cliptrace.data.record import DatasetError, Record
 
 StreamPair = tuple[torch.Tensor, str, int]  # pixels, caption, sample number
 
@@ -82,6 +82,46 @@ class ShardIndex:
                 if len(captions) >= limit:
                     return captions[:limit]
         return captions
+
+
+class ShardRecords(Sequence[Record]):
+    """The training records of a :class:`ShardIndex` as a sequence, read one shard at a time.
+
+    Record ``i`` is the ``i``-th training sample in shard order, as in ``select_split(load_records(path), split)``,
+    but only the records of the last shard read are held in memory: reading in order touches each shard once (TRAK
+    featurization reads its rows in order); a random read costs one shard's metadata.
+
+    Raises:
+        DatasetError: (on reading) A shard no longer holds the training samples it held when it was scanned.
+    """
+
+    def __init__(self, index: ShardIndex, train_split: str) -> None:
+        self.index, self.train_split = index, train_split
+        self._starts = np.cumsum([0, *index.counts])
+        self._held: tuple[int, list[Record]] = (-1, [])
+
+    def __len__(self) -> int:
+        return self.index.samples
+
+    def __getitem__(self, position: int) -> Record:  # type: ignore[override]
+        if not isinstance(position, (int, np.integer)):
+            raise TypeError(f"ShardRecords takes one integer position, not {type(position).__name__}")
+        if position < 0:
+            position += len(self)
+        if not 0 <= position < len(self):
+            raise IndexError(f"record {position} is out of range for {len(self)} records")
+        shard = int(np.searchsorted(self._starts, position, side="right")) - 1
+        return self._records(shard)[position - int(self._starts[shard])]
+
+    def _records(self, shard: int) -> list[Record]:
+        if self._held[0] != shard:
+            path = self.index.shards[shard]
+            records = [record for record in read_webdataset(path) if record.split == self.train_split]
+            if len(records) != self.index.counts[shard]:
+                raise DatasetError(str(path), None, f"holds {len(records)} samples of split {self.train_split!r}, "
+                                                    f"not the {self.index.counts[shard]} it held when scanned")
+            self._held = (shard, records)
+        return self._held[1]
 
 
 class ShardStream(IterableDataset):

@@ -27,6 +27,7 @@ from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
+from cliptrace.data.stream import ShardRecords
 from cliptrace.distributed import Ranks, barrier, is_main, shard_of
 from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
@@ -147,11 +148,12 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def read_records(
     data: Sequence[Record] | str | Path, split: str | None, on_bad_sample: str | BadSamplePolicy = "fail"
-) -> list[Record]:
+) -> Sequence[Record]:
     """Records from a list (used as given) or a dataset path (only ``split``, when given); an error if none.
 
     Args:
-        data: Records, or a dataset path.
+        data: Records, or a dataset path. Streamed records (:class:`~cliptrace.data.stream.ShardRecords`) are kept
+            as they are, not read into a list.
         split: The split of a dataset path to keep; None keeps every record.
         on_bad_sample: For a path: ``"fail"`` on the first bad sample, or ``"skip"`` bad samples (broken rows, records
             whose image does not decode) with one warning that counts them; a :class:`BadSamplePolicy` collects
@@ -166,7 +168,7 @@ def read_records(
         if policy is not on_bad_sample and policy.skipped:
             warnings.warn(f"{data}: {policy.summary(None)}", stacklevel=2)
         return records
-    records = list(data)
+    records = data if isinstance(data, ShardRecords) else list(data)  # streamed records stay streamed
     if not records:
         raise ValueError("no records given")
     return records
@@ -232,7 +234,7 @@ class RecordBatches:
     """Preprocessed, tokenized batches of records for one model."""
 
     def __init__(self, model: DualEncoder, records: Sequence[Record], loader: ImageLoader, batch_size: int) -> None:
-        self.model, self.records, self.loader, self.batch_size = model, list(records), loader, batch_size
+        self.model, self.records, self.loader, self.batch_size = model, records, loader, batch_size
 
     def pairs(self, positions: Sequence[int], first_caption_only: bool = False
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -281,7 +283,7 @@ class _Checkpoint:
 
 
 def _load_checkpoint(
-    checkpoint_id: str, source: Any, train: list[Record], loader: ImageLoader, settings: AttributionSettings
+    checkpoint_id: str, source: Any, train: Sequence[Record], loader: ImageLoader, settings: AttributionSettings
 ) -> _Checkpoint:
     model = source if isinstance(source, DualEncoder) else load_model(source)
     model = model.to(settings.device).eval()
@@ -304,7 +306,7 @@ def _load_checkpoint(
     return _Checkpoint(checkpoint_id, model, featurizer)
 
 
-def _store(directory: Path, train: list[Record], featurizer: Featurizer, settings: AttributionSettings,
+def _store(directory: Path, train: Sequence[Record], featurizer: Featurizer, settings: AttributionSettings,
            checkpoint_id: str) -> FeatureStore:
     """The feature store of the training set (refusing one made with other settings than those of
     ``checkpoint_id``'s ``featurizer``)."""
@@ -324,9 +326,9 @@ def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featur
                         dtype=store.dtype.name)
 
 
-def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[Record], train_index: Sequence[int],
-                    loader: ImageLoader, settings: AttributionSettings, description: str, progress: bool,
-                    ranks: Ranks | None) -> None:
+def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: Sequence[Record],
+                    train_index: Sequence[int], loader: ImageLoader, settings: AttributionSettings, description: str,
+                    progress: bool, ranks: Ranks | None) -> None:
     """Featurize the rows of ``store`` still missing under ``checkpoint``, batch by batch (row i is ``records[i]``,
     ``train_index[i]`` its training index or -1), holding them so no other process writes them meanwhile.
 
@@ -353,7 +355,7 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: list[
     barrier(ranks)
 
 
-def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: list[Record], loader: ImageLoader,
+def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: Sequence[Record], loader: ImageLoader,
                           settings: AttributionSettings, progress: bool, ranks: Ranks | None) -> None:
     """Featurize the training set under ``checkpoint`` and solve its kernel (on rank 0 of a distributed job)."""
     _featurize_rows(store, checkpoint, train, range(len(train)), loader, settings, f"Featurizing {checkpoint.id}",
