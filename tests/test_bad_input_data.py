@@ -582,3 +582,16 @@ def test_evaluate_skips_bad_samples_under_skip(dirty, tmp_path: Path) -> None:
     assert json.loads(out.read_text())["n_images"] == 2
     assert read_report(out.with_name("metrics.skipped.csv")) == [*report[:2], (
         str(path.parent / "images" / "cut-test.png"), "id cut-test", report[3][2])]
+
+
+def test_a_bad_image_in_a_dataloader_worker_reads_as_the_same_one_line_error(tmp_path: Path) -> None:
+    """torch rebuilds a worker's exception from its formatted traceback; the error keeps its one-line message."""
+    from torch.utils.data import DataLoader
+
+    record = Record("gone", str(tmp_path / "gone.png"), ("a caption",))
+    dataset = PairDataset([record], ImageTransform(8))
+    with pytest.raises(DatasetError) as in_process:
+        dataset[0]
+    with pytest.raises(DatasetError) as in_worker:
+        next(iter(DataLoader(dataset, batch_size=1, num_workers=1, collate_fn=list)))
+    assert str(in_worker.value) == str(in_process.value) == f"{tmp_path / 'gone.png'}, id gone: image file not found"

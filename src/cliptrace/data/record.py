@@ -25,11 +25,21 @@ class Record:
 
 
 class DatasetError(ValueError):
-    """A dataset could not be read; the message names the file and the row or key."""
+    """A dataset could not be read; the message names the file and the row or key.
 
-    def __init__(self, source: str, location: str | int | None, problem: str) -> None:
-        where = f"{source}" if location is None else f"{source}, {location}"
-        super().__init__(f"{where}: {problem}")
+    Built from a message alone (``DatasetError(message)``), as torch rebuilds an error raised in a DataLoader worker
+    (``"Caught DatasetError in DataLoader worker process 0. Original Traceback ... DatasetError: FILE, WHERE:
+    PROBLEM"``), it keeps the original one-line message, whose parts then all stand in ``source`` and ``problem``.
+    """
+
+    def __init__(self, source: str, location: str | int | None = None, problem: str | None = None) -> None:
+        if problem is None:
+            lines = source.strip().splitlines() or [source]
+            source = problem = lines[-1].partition(f"{DatasetError.__name__}: ")[2] or lines[-1]
+            super().__init__(source)
+        else:
+            where = f"{source}" if location is None else f"{source}, {location}"
+            super().__init__(f"{where}: {problem}")
         self.source = source
         self.location = location
         self.problem = problem
