@@ -99,7 +99,6 @@ def tokenize(
     if isinstance(texts, str):
         raise ValueError("texts must be a sequence of strings, not one string")
     texts = _string_list(texts, "texts")
-    _warn_if_truncated(tokenizer, texts, context_length)
     encoded = tokenizer(
         texts,
         padding="max_length",
@@ -108,17 +107,23 @@ def tokenize(
         return_attention_mask=True,
         return_tensors="pt",
     )
+    full = encoded["attention_mask"].sum(dim=1) == context_length
+    if full.any():  # only a text that fills the context can have been cut
+        _warn_if_truncated(tokenizer, [text for text, filled in zip(texts, full.tolist()) if filled], len(texts),
+                           context_length)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def _warn_if_truncated(tokenizer: PreTrainedTokenizerBase, texts: list[str], context_length: int) -> None:
-    """Warn once when encodings of ``texts`` (special tokens included) are longer than ``context_length``."""
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
-    cut = [text for text, length in zip(texts, lengths) if length > context_length]
+def _warn_if_truncated(tokenizer: PreTrainedTokenizerBase, candidates: list[str], total: int,
+                       context_length: int) -> None:
+    """Warn once when encodings of ``candidates`` (special tokens included; ``total`` texts in the call) are longer
+    than ``context_length``."""
+    lengths = [len(ids) for ids in tokenizer(candidates, truncation=False, verbose=False)["input_ids"]]
+    cut = [text for text, length in zip(candidates, lengths) if length > context_length]
     if cut:
         first = cut[0] if len(cut[0]) <= QUOTED_PREFIX else cut[0][:QUOTED_PREFIX] + "..."
         warnings.warn(
-            f"{len(cut)} of {len(texts)} caption(s) longer than the context length of {context_length} tokens "
+            f"{len(cut)} of {total} caption(s) longer than the context length of {context_length} tokens "
             f"were truncated to fit it; the first: {first!r}",
             CaptionTruncatedWarning,
             stacklevel=3,
