@@ -27,7 +27,6 @@ from cliptrace.data.images import ImageLoader, load_record_image
 from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
-from cliptrace.data.stream import ShardRecords
 from cliptrace.distributed import Ranks, barrier, is_main, shard_of
 from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
@@ -152,8 +151,8 @@ def read_records(
     """Records from a list (used as given) or a dataset path (only ``split``, when given); an error if none.
 
     Args:
-        data: Records, or a dataset path. Streamed records (:class:`~cliptrace.data.stream.ShardRecords`) are kept
-            as they are, not read into a list.
+        data: Records, or a dataset path. A sequence of records (e.g. streamed
+            :class:`~cliptrace.data.stream.ShardRecords`) is used as it is, not read into a list.
         split: The split of a dataset path to keep; None keeps every record.
         on_bad_sample: For a path: ``"fail"`` on the first bad sample, or ``"skip"`` bad samples (broken rows, records
             whose image does not decode) with one warning that counts them; a :class:`BadSamplePolicy` collects
@@ -168,7 +167,7 @@ def read_records(
         if policy is not on_bad_sample and policy.skipped:
             warnings.warn(f"{data}: {policy.summary(None)}", stacklevel=2)
         return records
-    records = data if isinstance(data, ShardRecords) else list(data)  # streamed records stay streamed
+    records = data if isinstance(data, Sequence) else list(data)  # a sequence (e.g. streamed records) as given
     if not records:
         raise ValueError("no records given")
     return records
@@ -306,14 +305,13 @@ def _load_checkpoint(
     return _Checkpoint(checkpoint_id, model, featurizer)
 
 
-def _store(directory: Path, train: Sequence[Record], featurizer: Featurizer, settings: AttributionSettings,
-           checkpoint_id: str) -> FeatureStore:
-    """The feature store of the training set (refusing one made with other settings than those of
-    ``checkpoint_id``'s ``featurizer``)."""
-    store_settings = {**featurizer.settings(), "train_data": data_fingerprint(train),
-                      "lambda_reg": settings.lambda_reg}
+def _store(directory: Path, train_size: int, train_digest: str, featurizer: Featurizer,
+           settings: AttributionSettings, checkpoint_id: str) -> FeatureStore:
+    """The feature store of the training set (``train_digest``: its :func:`data_fingerprint`), refusing one made
+    with other settings than those of ``checkpoint_id``'s ``featurizer``."""
+    store_settings = {**featurizer.settings(), "train_data": train_digest, "lambda_reg": settings.lambda_reg}
     try:
-        return FeatureStore(directory, len(train), featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
+        return FeatureStore(directory, train_size, featurizer.proj_dim, store_settings, dtype=settings.score_dtype)
     except StoreMismatchError as error:
         raise StoreMismatchError(f"checkpoint {checkpoint_id!r}: {error}") from None
 
@@ -385,10 +383,10 @@ def featurize(
     the one a single process would write.
     """
     records = read_records(train, train_split, on_bad_sample)
-    loader = ImageLoader()
+    loader, digest = ImageLoader(), data_fingerprint(records)
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
-        store = _store(Path(store_dir), records, checkpoint.featurizer, settings, checkpoint_id)
+        store = _store(Path(store_dir), len(records), digest, checkpoint.featurizer, settings, checkpoint_id)
         _featurize_checkpoint(checkpoint, store, records, loader, settings, progress and is_main(ranks), ranks)
     return store
 
@@ -475,11 +473,11 @@ def attribute(
     progress = progress and is_main(ranks)
     position = {record.id: i for i, record in enumerate(train_records)}
     target_index = [position.get(record.id, -1) for record in target_records]
-    loader = ImageLoader()
+    loader, digest = ImageLoader(), data_fingerprint(train_records)
     kernels, loss_weights, train_features, target_features = [], [], [], []
     for checkpoint_id, source in sources:
         checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
-        store = _store(Path(store_dir), train_records, checkpoint.featurizer, settings, checkpoint_id)
+        store = _store(Path(store_dir), len(train_records), digest, checkpoint.featurizer, settings, checkpoint_id)
         _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress, ranks)
         targets_store = _target_store(store, target_records, checkpoint.featurizer)
         _featurize_rows(targets_store, checkpoint, target_records, target_index, loader, settings,
