@@ -210,8 +210,8 @@ class FeatureStore:
     Writers are exclusive per checkpoint: the first :meth:`write` (or :meth:`claim`) of a checkpoint locks it for
     this instance, and a second process writing it gets a :class:`StoreBusyError` at once. Processes may instead
     claim disjoint shards of one checkpoint (``claim(checkpoint, shard=(rank, world))``) and write them side by side;
-    solving the kernel needs the whole checkpoint. Locks are ``flock`` locks, released when the instance is closed or
-    collected, or its process dies. Registering checkpoints is serialized by a lock on the manifest, so several
+    solving the kernel needs the whole checkpoint. Locks are ``flock`` locks, released by :meth:`release`, when the
+    instance is collected, or when its process dies. Registering checkpoints is serialized by a lock on the manifest, so several
     processes may add checkpoints to one store.
 
     Args:
@@ -395,16 +395,6 @@ class FeatureStore:
             claim = self._claims.pop(name, None)
             for lock in claim.locks if claim is not None else ():
                 lock.release()
-
-    def close(self) -> None:
-        """Release every claim of this instance."""
-        self.release()
-
-    def __enter__(self) -> FeatureStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def featurized(self, checkpoint: str) -> np.ndarray:
         """(n,) bool: which training examples have features for ``checkpoint``."""
