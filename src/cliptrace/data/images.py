@@ -23,6 +23,7 @@ from cliptrace.data.shards import TAR_ERRORS, scan_shard
 SHARD_SEPARATOR = "::"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
+
 class ImageLoader:
     """Reads image references as produced by the dataset readers.
 
