@@ -2,7 +2,9 @@
 
 Each writer fills a temporary sibling (same folder, so the final rename stays on one filesystem), flushes it to disk
 and renames it over the final name. A crash, a full disk or any error inside leaves the previous version (or
-nothing) under the final name and removes the temporary.
+nothing) under the final name and removes the temporary. A process killed mid-write (SIGKILL) leaves its temporary
+behind: :func:`remove_temporaries` clears those, for a caller that holds the directory's lock. Files get the mode
+the umask gives (as ``open`` would), not ``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,41 @@ def _fsync(path: Path) -> None:
         os.close(handle)
 
 
+_TEMPORARY_FILE = re.compile(r"^\..*\.[0-9a-f]{16}\.tmp(\.[^.]*)?$")
+_PARTIAL_DIRECTORY = ".partial"
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty, unused hidden sibling of ``path`` (mode from the umask) and return its path."""
+    while True:
+        temporary = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+
+
+def remove_temporaries(directory: str | Path) -> list[Path]:
+    """Remove what killed writers left under ``directory`` (atomic-write temporaries, ``.partial`` directories).
+
+    Call it only while holding the lock that keeps other writers out of ``directory``: a live writer's temporary
+    looks the same. Returns the removed paths.
+    """
+    removed = []
+    for root, folders, files in os.walk(directory):
+        for name in files:
+            if _TEMPORARY_FILE.match(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed.append(Path(root) / name)
+        for name in list(folders):
+            if name.endswith(_PARTIAL_DIRECTORY):
+                shutil.rmtree(Path(root) / name, ignore_errors=True)
+                removed.append(Path(root) / name)
+                folders.remove(name)
+    return removed
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path to write; it replaces ``path`` when the block completes and is removed otherwise.
@@ -37,9 +75,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _new_temporary(path)
     try:
         yield temporary
         _fsync(temporary)

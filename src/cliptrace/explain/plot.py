@@ -7,8 +7,6 @@ the global backend.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from cliptrace.explain.base import Explanation
+from cliptrace.files import atomic_file
 
 DIVERGING_CMAP = "RdBu_r"  # signed maps: blue negative, white zero, red positive
 SEQUENTIAL_CMAP = "inferno"  # non-negative maps: black zero, pale yellow the maximum
@@ -150,15 +149,8 @@ def save_figure(figure: Figure, path: str | Path, *, dpi: int = 100) -> Path:
     Creates the folder when missing.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format="png", dpi=dpi)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temporary, temporary.open("wb") as file:
+        figure.savefig(file, format="png", dpi=dpi)
     return path
 
 

@@ -26,11 +26,9 @@ Version history: 1 stored the n × k kernel weights W in ``kernel_weights.npy``;
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import mmap
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 
 from cliptrace.files import save_npy_atomic, write_json_atomic
+from cliptrace.locks import FileLock, holder_note
 
 STORE_FORMAT = "cliptrace.trak.feature_store"
 STORE_VERSION = 2
@@ -120,49 +119,8 @@ def shard_rows(size: int, shard: Shard, align: int = 1) -> range:
     return range(boundary(index), boundary(index + 1))
 
 
-class _FileLock:
-    """An ``flock`` on a file, shared or exclusive; released by :meth:`release`, when this object is collected, or
-    when the process dies (also by SIGKILL), so a crash never leaves a stale lock.
-
-    An exclusive holder writes ``pid P on HOST`` into the file (and clears it on release) for error messages.
-
-    Raises:
-        BlockingIOError: ``wait`` is False and another process holds a conflicting lock.
-    """
-
-    def __init__(self, path: Path, exclusive: bool, wait: bool = False) -> None:
-        self._file = open(path, "a+b")  # noqa: SIM115 - held open for the lifetime of the lock
-        flags = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(self._file.fileno(), flags)
-        except BaseException:
-            self._file.close()
-            raise
-        self._exclusive = exclusive
-        if exclusive:
-            os.ftruncate(self._file.fileno(), 0)
-            os.pwrite(self._file.fileno(), f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-
-    @staticmethod
-    def holder(path: Path) -> str:
-        """What the current exclusive holder of ``path`` wrote about itself (empty when unknown)."""
-        try:
-            return path.read_text(errors="replace").strip()
-        except OSError:
-            return ""
-
-    def release(self) -> None:
-        """Release the lock (idempotent)."""
-        if self._file.closed:
-            return
-        if self._exclusive:
-            os.ftruncate(self._file.fileno(), 0)
-        self._file.close()
-
-
 def _busy(what: str, lock: Path) -> StoreBusyError:
-    holder = _FileLock.holder(lock)
-    return StoreBusyError(errno.EBUSY, f"{what} is being written by another process{f' ({holder})' if holder else ''}; "
+    return StoreBusyError(errno.EBUSY, f"{what} is being written by another process{holder_note(lock)}; "
                                        "wait for it to finish, or use another store directory")
 
 
@@ -201,7 +159,7 @@ class _Claim:
 
     shard: Shard | None
     rows: range
-    locks: list[_FileLock]
+    locks: list[FileLock]
 
 
 class FeatureStore:
@@ -264,7 +222,7 @@ class FeatureStore:
     @contextmanager
     def _manifest_lock(self) -> Iterator[None]:
         """Hold the store's manifest lock (waiting for it) for the length of the block."""
-        lock = _FileLock(self.directory / MANIFEST_LOCK, exclusive=True, wait=True)
+        lock = FileLock(self.directory / MANIFEST_LOCK, exclusive=True, wait=True)
         try:
             yield
         finally:
@@ -376,13 +334,13 @@ class FeatureStore:
         name = f"checkpoint {checkpoint!r} of feature store {self.directory}"
         writer = folder / "writer.lock"
         try:
-            locks = [_FileLock(writer, exclusive=shard is None)]
+            locks = [FileLock(writer, exclusive=shard is None)]
         except BlockingIOError:
             raise _busy(name, writer) from None
         if shard is not None:
             lock = folder / f"shard-{shard[0]}-of-{shard[1]}.lock"
             try:
-                locks.append(_FileLock(lock, exclusive=True))
+                locks.append(FileLock(lock, exclusive=True))
             except BlockingIOError:
                 locks[0].release()
                 raise _busy(f"shard {shard[0]} of {shard[1]} of {name}", lock) from None
