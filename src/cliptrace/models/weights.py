@@ -8,6 +8,7 @@ one-line ``ValueError`` that names it instead of a ``SafetensorError``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -80,7 +81,8 @@ def _named_files(directory: Path, named: str) -> list[Path]:
         raise ValueError(f"{config}: key 'transformers_weights' names {named!r}, not a safetensors file; pickled "
                          f"weights are not loaded (unpickling can run code the file carries)")
     path = directory / named
-    if not path.resolve().is_relative_to(directory.resolve()):
+    relative = Path(os.path.normpath(named))  # lexically: a cache's files may be symbolic links to elsewhere
+    if relative.is_absolute() or relative.parts[:1] == ("..",):
         raise ValueError(f"{config}: key 'transformers_weights' names {named!r}, outside the model directory")
     if not path.is_file():
         raise ValueError(f"{config}: key 'transformers_weights' names {named!r}, which does not exist")
