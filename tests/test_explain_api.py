@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from cliptrace.evaluate import class_embeddings
-from cliptrace.explain.api import explain
+from cliptrace.explain.api import MethodFailed, explain
 from cliptrace.models import HFCLIP, train_tokenizer
 
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "two yellow triangles", "a purple cross"]
@@ -119,5 +119,6 @@ def test_other_dual_encoders_get_pixel_methods_and_a_clear_error_for_the_decompo
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     result = explain(model, pixels, "a red circle", method="gradient")
     assert result.image_map.shape == (2, 16, 16) and result.image_level == "pixel"
-    with pytest.raises(TypeError, match="needs a HuggingFace CLIP"):
+    with pytest.raises(MethodFailed, match="'decomposition' failed: TypeError: .*needs a HuggingFace CLIP") as caught:
         explain(model, pixels, "a red circle")
+    assert isinstance(caught.value.__cause__, TypeError)

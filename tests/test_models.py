@@ -423,7 +423,7 @@ def test_load_model_rejects_a_plain_directory_of_another_model_type(tmp_path) ->
 
 
 def test_adapter_loaders_refuse_another_adapters_directory(tmp_path) -> None:
-    write_manifest(tmp_path / "frozen", adapter="frozen_dual_encoder")
+    write_manifest(tmp_path / "frozen", adapter="frozen_dual_encoder", projection_dim=16)
     write_manifest(tmp_path / "hf", adapter="hf_clip")
     with pytest.raises(ValueError, match="frozen: holds a frozen_dual_encoder model"):
         HFCLIP.from_pretrained(tmp_path / "frozen")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cliptrace.cli.errors import reported_errors
+
+if TYPE_CHECKING:
+    from cliptrace.explain.api import MethodFailed
 
 console = Console()
 
@@ -30,6 +33,17 @@ def _names(methods: str) -> list[str]:
         raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; "
                          f"choose from {', '.join(method_names())}")
     return names
+
+
+def _report_failure(model_dir: Path, failure: MethodFailed) -> None:
+    """Print one ``error:`` line naming the model directory, the failed method and its problem."""
+    typer.echo(f"error: {model_dir}, method {failure.method}: {failure.problem}", err=True)
+
+
+def _require_some(model_dir: Path, names: list[str], failed: list[str], out: Path) -> None:
+    """Refuse when every method failed: there is nothing to write to ``out``."""
+    if len(failed) == len(names):
+        raise ValueError(f"{model_dir}: every method failed ({', '.join(failed)}); nothing written to {out}")
 
 
 def _lines(value: Optional[str], path: Optional[Path]) -> list[str] | None:
@@ -84,6 +98,7 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
     from PIL import Image
 
     from cliptrace.explain import explain
+    from cliptrace.explain.api import MethodFailed
     from cliptrace.explain.plot import method_grid, save_figure
     from cliptrace.models import load_model
 
@@ -93,8 +108,15 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
     with Image.open(image_path) as opened:
         picture = opened.convert("RGB")
     pixels = model.preprocess(picture).unsqueeze(0)
-    results = [explain(model, pixels, text, target_class=target_class, classes=classes, contrast=contrast,
-                       method=name) for name in names]
+    results, failed = [], []
+    for name in names:
+        try:
+            results.append(explain(model, pixels, text, target_class=target_class, classes=classes,
+                                   contrast=contrast, method=name))
+        except MethodFailed as failure:
+            _report_failure(model_dir, failure)
+            failed.append(name)
+    _require_some(model_dir, names, failed, out)
     figure = method_grid(model.preprocess.unnormalize(pixels[0]), results,
                          caption=text if text is not None else f"class: {target_class}")
     save_figure(figure, out)
@@ -110,6 +132,7 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
         table.add_row(result.method, f"{float(result.logit[0]):.4g}", f"{result.seconds:.3f}", top)
     console.print(table)
     console.print(f"written: {out}")
+    _exit_if_failed(failed, names)
 
 
 def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str], out: Path, steps: int, seed: int,
@@ -117,13 +140,22 @@ def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str]
     import csv
 
     from cliptrace.explain import explain
+    from cliptrace.explain.api import MethodFailed
     from cliptrace.explain.evaluation import evaluate_methods, load_cases, summarize, summary_markdown
     from cliptrace.explain.plot import method_grid, save_figure
     from cliptrace.models import load_model
 
     model = load_model(model_dir).eval()
     cases = load_cases(model, data, split=split or None, limit=limit, seed=seed)
-    rows = evaluate_methods(model, cases, names, steps=steps, progress=progress)
+    rows, failed = [], []
+    for name in names:  # one method at a time, so a failing one leaves the others' rows
+        try:
+            rows += evaluate_methods(model, cases, [name], steps=steps, progress=progress)
+        except MethodFailed as failure:
+            _report_failure(model_dir, failure)
+            failed.append(name)
+    _require_some(model_dir, names, failed, out)
+    kept = [name for name in names if name not in failed]
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("metrics.csv", rows), ("summary.csv", summary)):
@@ -136,10 +168,19 @@ def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str]
     (out / "summary.md").write_text(markdown, encoding="utf-8")
     for case in cases[:4]:
         results = [explain(model, case.pixels[None], case.caption, target_class=case.target_class, method=name)
-                   for name in names]
+                   for name in kept]
         label = case.caption if case.caption is not None else f"class: {case.target_class}"
         save_figure(method_grid(model.preprocess.unnormalize(case.pixels), results, caption=label),
                     out / "examples" / f"{case.id}.png")
     console.print(markdown)
-    console.print(f"{len(cases)} cases × {len(names)} methods; written: {out / 'metrics.csv'}, "
+    console.print(f"{len(cases)} cases × {len(kept)} methods; written: {out / 'metrics.csv'}, "
                   f"{out / 'summary.csv'}, {out / 'summary.md'}, {out / 'examples'}/")
+    _exit_if_failed(failed, names)
+
+
+def _exit_if_failed(failed: list[str], names: list[str]) -> None:
+    """Exit with status 1 after the other methods' outputs are written when any method failed."""
+    if failed:
+        typer.echo(f"{len(failed)} of {len(names)} methods failed ({', '.join(failed)}); the others were written",
+                   err=True)
+        raise typer.Exit(1)

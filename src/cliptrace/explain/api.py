@@ -30,6 +30,21 @@ from cliptrace.models.hf_clip import HFCLIP
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a {}", "a photo of a {}.")
 
 
+class MethodFailed(RuntimeError):
+    """An attribution method raised while computing its maps; the original exception is chained as the cause.
+
+    Attributes:
+        method: The method's name.
+        problem: The original exception's type and the first line of its message.
+    """
+
+    def __init__(self, method: str, error: Exception) -> None:
+        lines = str(error).strip().splitlines()
+        self.method = method
+        self.problem = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        super().__init__(f"method {method!r} failed: {self.problem}")
+
+
 def method_names() -> list[str]:
     """Every method :func:`explain` accepts by name: the exact decomposition first, then the baselines."""
     from cliptrace.explain.baselines import BASELINES
@@ -82,6 +97,8 @@ def explain(
     Raises:
         ValueError: Neither or both of ``text`` and ``target_class``, counts that do not match the images, or
             ``classes`` without ``target_class``.
+        MethodFailed: The method raised while computing its maps (e.g. it needs an :class:`HFCLIP`, or torch
+            failed); the target and the arguments were fine, so other methods may still work.
     """
     attribution = make_method(method)
     pixels = _pixels(model, images)
@@ -95,11 +112,14 @@ def explain(
         logit = model.logit_scale.exp() * (image_side * target).sum(-1)
 
     parts = []
-    for rows in torch.arange(count).split(batch_size):
-        batch_tokens = None if tokens is None else {key: value[rows] for key, value in tokens.items()}
-        batch_offset = None if offset is None else offset.expand(count, -1)[rows]
-        parts.append(_explain_batch(model, attribution, pixels[rows], target[rows], image_side[rows],
-                                    batch_tokens, batch_offset))
+    try:
+        for rows in torch.arange(count).split(batch_size):
+            batch_tokens = None if tokens is None else {key: value[rows] for key, value in tokens.items()}
+            batch_offset = None if offset is None else offset.expand(count, -1)[rows]
+            parts.append(_explain_batch(model, attribution, pixels[rows], target[rows], image_side[rows],
+                                        batch_tokens, batch_offset))
+    except Exception as error:  # whatever a method raises is that method's failure, named for the caller
+        raise MethodFailed(attribution.name, error) from error
     result = Explanation(
         method=attribution.name,
         logit=logit,

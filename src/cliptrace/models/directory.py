@@ -23,6 +23,7 @@ from cliptrace.models.base import DualEncoder
 MANIFEST_NAME = "cliptrace_model.json"
 FORMAT_VERSION = 1
 ADAPTERS = ("hf_clip", "frozen_dual_encoder", "open_clip")
+ADAPTER_FIELDS = {"frozen_dual_encoder": {"projection_dim": int}, "open_clip": {"model_name": str}}
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
 
@@ -47,8 +48,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
-        ValueError: The manifest is not valid JSON, lacks a field, names an unknown adapter, or was
-            written by a newer format version.
+        ValueError: The manifest is not valid JSON, lacks a field or holds one of the wrong type, names an
+            unknown adapter, or was written by a newer format version.
     """
     directory = require_directory(directory)
     path = directory / MANIFEST_NAME
@@ -58,19 +59,31 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
     if not isinstance(manifest, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     for key in ("format_version", "adapter", "preprocess", "context_length"):
         if key not in manifest:
             raise ValueError(f"{path}: missing key {key!r}")
     version = manifest["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{path}: key 'format_version' must be a positive integer (got {version!r})")
+    if version > FORMAT_VERSION:
         raise ValueError(
-            f"{directory}: model directory format_version {version!r} is newer than this cliptrace reads "
+            f"{directory}: model directory format_version {version} is newer than this cliptrace reads "
             f"({FORMAT_VERSION}); upgrade cliptrace"
         )
     if manifest["adapter"] not in ADAPTERS:
         raise ValueError(f"{directory}: unknown adapter {manifest['adapter']!r} in {MANIFEST_NAME}; known: {ADAPTERS}")
+    for key, kind in {"context_length": int, **ADAPTER_FIELDS.get(manifest["adapter"], {})}.items():
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+        value = manifest[key]
+        if kind is int and not (_is_int(value) and value > 0):
+            raise ValueError(f"{path}: key {key!r} must be a positive integer (got {value!r})")
+        if kind is str and not (isinstance(value, str) and value):
+            raise ValueError(f"{path}: key {key!r} must be a non-empty string (got {value!r})")
     try:
         manifest["preprocess"] = ImageTransform.from_dict(manifest["preprocess"])
     except (KeyError, TypeError, ValueError) as error:
@@ -166,6 +179,11 @@ def write_preprocessor_config(directory: str | Path, preprocess: ImageTransform)
     }
     path = Path(directory) / PREPROCESSOR_CONFIG_NAME
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _is_int(value: Any) -> bool:
+    """Whether a JSON value is an integer (``true``/``false`` are not)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _side(value: Any, path: Path, key: str) -> int | None:

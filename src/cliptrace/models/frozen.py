@@ -18,15 +18,22 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from cliptrace.data.transforms import ImageTransform
-from cliptrace.models.base import DualEncoder
+from cliptrace.models.base import DualEncoder, check_weights_fit
 from cliptrace.models.base import normalize as l2_normalize
-from cliptrace.models.directory import read_manifest, read_preprocessor_config, require_directory, write_manifest
-from cliptrace.models.tokenizer import tokenize
+from cliptrace.models.directory import (
+    MANIFEST_NAME,
+    read_manifest,
+    read_preprocessor_config,
+    require_directory,
+    write_manifest,
+)
+from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.weights import read_tensors, safetensors_files, tensor_shapes
 
 HEADS_NAME = "heads.safetensors"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
@@ -138,7 +145,9 @@ class FrozenBackboneDualEncoder(DualEncoder):
 
         Raises:
             FileNotFoundError: A directory does not exist.
-            ValueError: No ``preprocess`` given and ``vision_directory`` has no ``preprocessor_config.json``.
+            ValueError: No ``preprocess`` given and ``vision_directory`` has no ``preprocessor_config.json``; a
+                backbone's weights are pickled or unreadable; or no ``tokenizer`` is given and ``text_directory``
+                has no usable one.
         """
         vision_directory, text_directory = require_directory(vision_directory), require_directory(text_directory)
         preprocess = preprocess or read_preprocessor_config(vision_directory)
@@ -146,7 +155,7 @@ class FrozenBackboneDualEncoder(DualEncoder):
             raise ValueError(f"{vision_directory}: no preprocessor_config.json; pass preprocess=ImageTransform(...)")
         vision = _load_backbone(vision_directory, attn_implementation)
         text = _load_backbone(text_directory, attn_implementation)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(text_directory, local_files_only=True)
+        tokenizer = tokenizer or load_tokenizer(text_directory, getattr(text.config, "vocab_size", None))
         with torch.random.fork_rng(devices=[], enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
@@ -159,24 +168,29 @@ class FrozenBackboneDualEncoder(DualEncoder):
         """Load a directory written by :meth:`save`.
 
         Raises:
-            FileNotFoundError: ``directory`` does not exist.
-            ValueError: It is not a frozen dual encoder directory.
+            FileNotFoundError: ``directory`` or its ``vision/`` or ``text/`` does not exist.
+            ValueError: It is not a frozen dual encoder directory, a backbone's weights are pickled or unreadable,
+                ``text/`` has no usable tokenizer, or ``heads.safetensors`` is unreadable or does not fit.
         """
         directory = require_directory(directory)
         manifest = read_manifest(directory)
         if manifest is None or manifest["adapter"] != "frozen_dual_encoder":
             raise ValueError(f"{directory}: not a frozen_dual_encoder model directory")
+        heads_path = directory / HEADS_NAME
+        if not heads_path.is_file():
+            raise FileNotFoundError(f"{heads_path}: the trained heads are missing")
+        heads = read_tensors(heads_path)
+        vision = _load_backbone(directory / "vision", attn_implementation)
+        text = _load_backbone(directory / "text", attn_implementation)
+        tokenizer = load_tokenizer(directory / "text", getattr(text.config, "vocab_size", None))
         with torch.random.fork_rng(devices=[]):  # the heads' initialization is overwritten below
-            model = cls(
-                _load_backbone(directory / "vision", attn_implementation),
-                _load_backbone(directory / "text", attn_implementation),
-                AutoTokenizer.from_pretrained(directory / "text", local_files_only=True),
-                manifest["preprocess"],
-                projection_dim=manifest["projection_dim"],
-                context_length=manifest["context_length"],
-            )
-        heads = load_file(directory / HEADS_NAME)
-        model.load_state_dict({**model.state_dict(), **heads}, strict=True)
+            model = cls(vision, text, tokenizer, manifest["preprocess"], projection_dim=manifest["projection_dim"],
+                        context_length=manifest["context_length"])
+        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()
+                    if not name.startswith(("vision.", "text."))}
+        check_weights_fit(expected, {name: tuple(tensor.shape) for name, tensor in heads.items()},
+                          f"{heads_path} (projection_dim {manifest['projection_dim']} in {directory / MANIFEST_NAME})")
+        model.load_state_dict({name: heads[name] for name in expected}, strict=False)
         return model
 
     def train(self, mode: bool = True) -> FrozenBackboneDualEncoder:
@@ -233,10 +247,17 @@ class FrozenBackboneDualEncoder(DualEncoder):
 
 
 def _load_backbone(directory: Path, attn_implementation: str | None) -> PreTrainedModel:
-    """An HF base model from a local directory, never downloading."""
+    """An HF base model from a local directory, never downloading and never unpickling.
+
+    Raises:
+        ValueError: The weights are pickled, missing, or not readable safetensors (naming the file).
+    """
     directory = require_directory(directory)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    for path in safetensors_files(directory, getattr(config, "transformers_weights", None)):
+        tensor_shapes(path)  # reading the header refuses a truncated or corrupt file, naming it
     options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    return AutoModel.from_pretrained(directory, local_files_only=True, **options)
+    return AutoModel.from_pretrained(directory, local_files_only=True, use_safetensors=True, **options)
 
 
 def _width(config: PretrainedConfig) -> int:

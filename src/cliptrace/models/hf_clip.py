@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
 
 from cliptrace.data.transforms import ImageTransform
 from cliptrace.models.base import DualEncoder, check_weights_fit
@@ -20,7 +19,8 @@ from cliptrace.models.directory import (
     write_preprocessor_config,
 )
 from cliptrace.models.presets import build_config
-from cliptrace.models.tokenizer import tokenize
+from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.weights import safetensors_files, tensor_shapes
 
 
 class HFCLIP(DualEncoder):
@@ -83,13 +83,15 @@ class HFCLIP(DualEncoder):
     def from_pretrained(cls, directory: str | Path, attn_implementation: str = "sdpa") -> HFCLIP:
         """Load a local CLIP directory (this class's ``save`` or e.g. a downloaded ``openai/clip-vit-base-patch32``).
 
-        Never downloads. Preprocessing comes from ``cliptrace_model.json``, else ``preprocessor_config.json``,
-        else OpenAI CLIP's mean/std at the config's image size.
+        Never downloads, and never unpickles: the weights must be safetensors. Preprocessing comes from
+        ``cliptrace_model.json``, else ``preprocessor_config.json``, else OpenAI CLIP's mean/std at the config's
+        image size.
 
         Raises:
             FileNotFoundError: ``directory`` does not exist.
-            ValueError: It holds another adapter's model, its ``config.json`` does not describe a CLIP model, or its
-                ``model.safetensors`` holds weights of another architecture.
+            ValueError: It holds another adapter's model, its ``config.json`` does not describe a CLIP model, its
+                weights are pickled, unreadable or of another architecture, or its tokenizer is missing or does not
+                fit the text tower (see :func:`cliptrace.models.tokenizer.load_tokenizer`).
         """
         directory = require_directory(directory)
         manifest = read_manifest(directory)
@@ -98,15 +100,15 @@ class HFCLIP(DualEncoder):
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         if not isinstance(config, CLIPConfig):
             raise ValueError(f"{directory}: config.json has model_type {config.model_type!r}, expected 'clip'")
-        weights = directory / "model.safetensors"
-        if weights.is_file():
-            with torch.device("meta"):
-                expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
-            with safe_open(weights, "pt") as file:
-                found = {name: tuple(file.get_slice(name).get_shape()) for name in file.keys()}  # noqa: SIM118
-            check_weights_fit(expected, found, f"{weights} (config {directory / 'config.json'})")
-        model = CLIPModel.from_pretrained(directory, attn_implementation=attn_implementation, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        files = safetensors_files(directory, getattr(config, "transformers_weights", None))
+        found = {name: shape for path in files for name, shape in tensor_shapes(path).items()}
+        with torch.device("meta"):
+            expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
+        check_weights_fit(expected, found, f"{files[0] if len(files) == 1 else directory} "
+                                           f"(config {directory / 'config.json'})")
+        tokenizer = load_tokenizer(directory, config.text_config.vocab_size)
+        model = CLIPModel.from_pretrained(directory, attn_implementation=attn_implementation, local_files_only=True,
+                                          use_safetensors=True)
         preprocess = (
             manifest["preprocess"]
             if manifest is not None

@@ -18,9 +18,8 @@ from torch import nn
 
 from cliptrace.data.transforms import ImageTransform
 from cliptrace.models.base import DualEncoder
-from cliptrace.models.directory import read_manifest, require_directory, write_manifest
-
-WEIGHTS_NAME = "model.safetensors"
+from cliptrace.models.directory import MANIFEST_NAME, read_manifest, require_directory, write_manifest
+from cliptrace.models.weights import WEIGHTS_NAME, safetensors_files, tensor_shapes
 
 
 class OpenCLIPAdapter(DualEncoder):
@@ -76,15 +75,25 @@ class OpenCLIPAdapter(DualEncoder):
         Raises:
             ImportError: open_clip is not installed.
             FileNotFoundError: ``directory`` does not exist.
-            ValueError: It is not an open_clip model directory.
+            ValueError: It is not an open_clip model directory, or its weights are pickled, unreadable or of
+                another architecture than the manifest names.
         """
         directory = require_directory(directory)
         manifest = read_manifest(directory)
         if manifest is None or manifest["adapter"] != "open_clip":
             raise ValueError(f"{directory}: not an open_clip model directory")
+        weights = safetensors_files(directory)[0]
+        if weights.name != WEIGHTS_NAME:
+            raise ValueError(f"{directory}: the open_clip adapter reads one {WEIGHTS_NAME}, not shards")
+        tensor_shapes(weights)  # reading the header refuses a truncated or corrupt file, naming it
         open_clip = _import_open_clip()
         model = open_clip.create_model(manifest["model_name"], pretrained=None)
-        load_safetensors_model(model, directory / WEIGHTS_NAME, strict=True)
+        try:
+            load_safetensors_model(model, weights, strict=True)
+        except RuntimeError as error:  # missing, unexpected or reshaped tensors
+            raise ValueError(f"{weights}: weights of another architecture than model_name "
+                             f"{manifest['model_name']!r} in {directory / MANIFEST_NAME} "
+                             f"({' '.join(str(error).split())})") from None
         adapter = cls(model, open_clip.get_tokenizer(manifest["model_name"]), manifest["model_name"])
         adapter.preprocess = manifest["preprocess"]
         return adapter

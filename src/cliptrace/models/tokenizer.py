@@ -1,13 +1,16 @@
-"""Train a byte-level BPE tokenizer offline from captions, and tokenize text to fixed-length tensors."""
+"""Train a byte-level BPE tokenizer offline from captions, load a model directory's tokenizer, and tokenize text
+to fixed-length tensors."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -17,6 +20,10 @@ BOS_TOKEN = "<|startoftext|>"
 SPECIAL_TOKENS = (PAD_TOKEN, EOS_TOKEN, BOS_TOKEN)
 MIN_VOCAB_SIZE = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
 QUOTED_PREFIX = 60  # characters of the first truncated caption quoted in the warning
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json")
+VOCABULARY_FILES = "tokenizer.json, or vocab.json and merges.txt, or vocab.txt, or a SentencePiece *.model"
+VOCABULARY_PATTERNS = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt", "*.model")
 
 
 class CaptionTruncatedWarning(UserWarning):
@@ -85,6 +92,49 @@ def train_tokenizer(
     )
 
 
+def load_tokenizer(directory: str | Path, vocab_size: int | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in a model directory, never downloading.
+
+    Without tokenizer files transformers builds a tokenizer from ``config.json`` alone that knows only its special
+    tokens, so every text encodes to the same ids: such a directory is refused.
+
+    Args:
+        directory: The directory holding the tokenizer files.
+        vocab_size: Rows of the text tower's token embedding; a tokenizer with larger ids is refused.
+
+    Raises:
+        ValueError: A tokenizer JSON file is not valid JSON (naming it), the files do not load, there are none
+            (the tokenizer would hold special tokens only), or the tokenizer's ids outgrow ``vocab_size``.
+    """
+    directory = Path(directory)
+    for name in TOKENIZER_JSON_FILES:
+        _require_json(directory / name)
+    backend = directory / "tokenizer.json"
+    if backend.is_file():
+        try:
+            Tokenizer.from_file(str(backend))
+        except Exception as error:  # tokenizers raises a bare Exception for a file it cannot read
+            raise ValueError(f"{backend}: not a tokenizer file ({error})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # tokenizers and transformers raise bare Exception, KeyError, ... on damaged files
+        raise ValueError(f"{directory}: its tokenizer files do not load ({type(error).__name__}: {error})") from error
+    vocabulary = tokenizer.get_vocab()
+    if not set(vocabulary.values()) - set(tokenizer.all_special_ids):
+        present = sorted(path.name for pattern in VOCABULARY_PATTERNS for path in directory.glob(pattern))
+        problem = (f"its tokenizer files ({', '.join(present)}) hold" if present else
+                   f"no tokenizer files ({VOCABULARY_FILES}): a tokenizer built from config.json alone knows")
+        raise ValueError(f"{directory}: {problem} only {len(vocabulary)} special tokens, so every text would encode to "
+                         f"the same ids; save the model's tokenizer there (tokenizer.save_pretrained)")
+    largest = max(vocabulary.values())
+    if vocab_size is not None and largest >= vocab_size:
+        raise ValueError(
+            f"{directory}: the tokenizer has token id {largest}, but the text tower embeds only {vocab_size} ids "
+            f"(0..{vocab_size - 1}): the tokenizer belongs to another model"
+        )
+    return tokenizer
+
+
 def tokenize(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context_length: int
 ) -> dict[str, torch.Tensor]:
@@ -128,6 +178,18 @@ def _warn_if_truncated(tokenizer: PreTrainedTokenizerBase, candidates: list[str]
             CaptionTruncatedWarning,
             stacklevel=3,
         )
+
+
+def _require_json(path: Path) -> None:
+    """Refuse a file that exists but is not valid JSON, naming it (transformers' own error names no file)."""
+    if not path.is_file():
+        return
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 def _string_list(items: Iterable[str], name: str, why: str = "") -> list[str]:
