@@ -7,7 +7,7 @@ The package itself is callable: ``cliptrace.explain(model, images, text, method=
 import sys
 import types
 
-from cliptrace.explain.api import explain, make_method, method_names
+from cliptrace.explain.api import MethodFailed, explain, make_method, method_names
 from cliptrace.explain.base import AttributionMethod, Explanation, image_logit, text_logit
 from cliptrace.explain.decomposition import ExactDecomposition
 
@@ -15,6 +15,7 @@ __all__ = [
     "AttributionMethod",
     "ExactDecomposition",
     "Explanation",
+    "MethodFailed",
     "explain",
     "image_logit",
     "make_method",
