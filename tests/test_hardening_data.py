@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -85,7 +86,8 @@ def test_stray_quote_mid_file_fails_naming_the_line_and_skip_keeps_the_199_other
     policy = BadSamplePolicy("skip")
     records = policy.load(path)
     assert [record.id for record in records] == [f"r{index}" for index in range(ROWS) if index != 83]
-    assert records[10].captions == (MULTILINE,)
+    assert [record.captions for record in records] == [(caption(index),) for index in range(ROWS) if index != 83]
+    assert records[10].captions == (MULTILINE,)  # a legitimate quoted caption over three lines is kept
     recovered = f"{problem}; this row is left out and the lines after it are read again as rows, from line {line + 1}"
     assert [str(error) for error in policy.skipped] == [f"{path}, line {line}: {recovered}"]
     report = policy.write_report(tmp_path / "skipped.csv")
@@ -120,12 +122,6 @@ def test_stray_quote_at_the_end_fails_naming_the_line_and_skip_keeps_every_other
     assert "1 problem(s)" in output and f"line {line}" in output and f"{ROWS - 1} records" in output
 
 
-def test_clean_csv_with_quoted_multiline_captions_reads_every_row(tmp_path: Path) -> None:
-    records = read_csv(stray_quote_csv(tmp_path / "captions.csv", stray=None))
-    assert [record.id for record in records] == [f"r{index}" for index in range(ROWS)]
-    assert [record.captions[0] for record in records] == [caption(index) for index in range(ROWS)]
-
-
 # ------------------------------------------------------------------------------ 8: images checked under fail
 
 
@@ -138,7 +134,11 @@ def noise_png(size: tuple[int, int] = (32, 24), seed: int = 0) -> bytes:
 
 def test_fail_policy_stops_before_training_on_a_bad_image_the_epoch_would_not_draw(tmp_path: Path,
                                                                                   write_image) -> None:
-    """17 records, batch 16, one epoch: one step draws 16 of them, and not the cut image; it is found all the same."""
+    """17 records, batch 16, one epoch: one step draws 16 of them, and with this seed not the cut image (the last
+    record); it is found all the same, before training starts."""
+    # The one-process DistributedSampler of epoch 0 orders the records by torch.randperm seeded with the run's seed.
+    seed = next(seed for seed in range(100)
+                if torch.randperm(17, generator=torch.Generator().manual_seed(seed)).tolist()[-1] == 16)
     rows = [["filepath", "title", "id"]]
     for index in range(16):
         write_image(tmp_path / "images" / f"g{index}.png", (index * 15, 255 - index * 15, 90), (36, 36))
@@ -151,7 +151,7 @@ def test_fail_policy_stops_before_training_on_a_bad_image_the_epoch_would_not_dr
         csv.writer(handle).writerows(rows)
     code, output = invoke("train", path, "--out", tmp_path / "run", "--image-size", "32", "--vocab-size", "300",
                           "--epochs", "1", "--batch-size", "16", "--warmup-steps", "1", "--eval-split", "",
-                          "--no-progress")
+                          "--no-progress", "--seed", seed)
     assert code == 1
     assert re.fullmatch(rf"error: {re.escape(str(cut))}, id cut: cannot decode the image: corrupt or truncated \(.+\)",
                         output.replace("\n", ""))
