@@ -26,6 +26,7 @@ from cliptrace.data.shards import TAR_ERRORS, scan_shard
 
 SHARD_SEPARATOR = "::"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+JPEG_END = b"\xff\xd9"  # the end-of-image marker; byte stuffing keeps it out of the compressed data
 
 
 class ImageLoader:
@@ -77,22 +78,22 @@ class ImageLoader:
             return _to_rgb(image)
 
     def verify(self, ref: str) -> None:
-        """Check cheaply that the image ``ref`` names would load, without decoding it at full size.
+        """Check cheaply that the image ``ref`` names would load, without decoding its pixels.
 
-        The file is read and its header parsed (which catches a missing, empty or unrecognized file and one too large
-        to decode); a JPEG is then decoded at 1/8 scale, which reads all of its compressed data; any other format
-        gets PIL's ``verify()``, which for PNG checks every chunk's checksum. Damage these checks miss (e.g. corrupt
-        pixel data in a PNG with intact checksums) still raises in :meth:`load`.
+        The file is read and its header parsed, which catches a missing, empty or unrecognized file and one too large
+        to decode. A JPEG must then hold its end-of-image marker after the start of its compressed data (a file cut
+        short does not); any other format gets PIL's ``verify()``, which for PNG checks every chunk's checksum.
+        Damage these checks miss (e.g. garbled compressed data in an intact file) still raises in :meth:`load`.
 
         Raises:
             DatasetError: The image would not load; the same problems as :meth:`load` reports.
         """
-        with _decoding(ref, self.read_bytes(ref)) as image:
-            if image.format == "JPEG":
-                image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
-            else:
+        data = self.read_bytes(ref)
+        with _decoding(ref, data) as image:
+            if image.format != "JPEG":
                 image.verify()
+            elif data.find(JPEG_END, image.tile[0][2] if image.tile else 0) < 0:
+                raise OSError("the JPEG data stops before its end-of-image marker")
 
 
 @contextlib.contextmanager
