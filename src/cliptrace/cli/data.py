@@ -38,10 +38,10 @@ def _summary(report: CheckReport) -> str:
     return f"{report.records} records, {report.captions} captions; splits: {splits}"
 
 
-def _table(title: str, problems: list[DatasetError]) -> Table:
-    """Problems (or warnings) as a table of file, where and problem."""
+def _table(title: str, problems: list[DatasetError], kind: str = "problem") -> Table:
+    """Problems (or warnings: ``kind``) as a table of file, where and what."""
     table = Table(title=Text(title), title_justify="left")
-    for name in ("file", "where", "problem"):
+    for name in ("file", "where", kind):
         table.add_column(name, overflow="fold")
     for problem in problems:
         table.add_row(Text(problem.source), Text(str(problem.location or "")), Text(problem.problem))
@@ -77,7 +77,7 @@ def check_command(
     console = Console()
     report = check_dataset(path, data_format, check_images=images, allow_outside_root=allow_outside_root, **options)
     if report.warnings:
-        console.print(_table(f"{len(report.warnings)} warning(s) in {path}", report.warnings))
+        console.print(_table(f"{len(report.warnings)} warning(s) in {path}", report.warnings, "warning"))
         console.print(Text("images outside the dataset root are read all the same; pass --allow-outside-root if "
                            "they are meant to be there", style="yellow"))
     if report.ok:
