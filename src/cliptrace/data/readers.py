@@ -319,6 +319,10 @@ def read_csv(
 ) -> list[Record]:
     """Read an open_clip-style CSV/TSV file: one row per caption, rows sharing an image grouped into one record.
 
+    A quoted field may hold line breaks. A row with an unbalanced quote (a quoted field never closed, or one that
+    takes in lines reading as complete rows naming an image file) is a broken row at the line the quote opens on,
+    naming the lines it took in; with ``on_error``, reading goes on at the next line, so no other row is lost.
+
     Args:
         path: The CSV or TSV file (UTF-8, with or without a byte-order mark).
         image_key: Column holding the image path, relative to ``image_root``.
