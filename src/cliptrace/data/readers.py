@@ -206,8 +206,8 @@ def _split_from_name(name: str) -> str:
 
 
 class _Lines:
-    """The physical lines of a text (ended by ``\\n``, ``\\r\\n`` or ``\\r``, as csv.reader sees them), handed out one at
-    a time to csv.reader; reading can go back to any line."""
+    """The physical lines of a text (ended by ``\\n``, ``\\r\\n`` or ``\\r``, as csv.reader sees them), handed out
+    one at a time to csv.reader; reading can go back to any line."""
 
     def __init__(self, text: str) -> None:
         self.lines = list(io.StringIO(text, newline=""))
