@@ -457,16 +457,21 @@ def test_skip_policy_keeps_exactly_the_good_records_and_reports_the_bad_ones(dir
         assert read_records(path, "train", "skip") == records
 
 
-def test_fail_policy_checks_nothing_ahead_and_a_bad_image_fails_when_loaded(dirty) -> None:
-    path, _, _ = dirty
+def test_fail_policy_checks_every_image_up_front_and_fails_on_the_first_bad_one(dirty, tmp_path: Path) -> None:
+    path, good, _ = dirty
     policy = BadSamplePolicy("fail")
     with pytest.raises(DatasetError) as raised:
         policy.load(path)
     assert str(raised.value) == f"{path}, line 22: empty caption in 'title'"
-    records = [record for record in load_records(path, on_error=lambda error: None) if record.id == "missing"]
-    assert policy.screen(records) == records and policy.write_report(path.parent / "x.csv") is None
-    with pytest.raises(DatasetError, match=r"nowhere\.png, id missing: image file not found"):
-        PairDataset(records, ImageTransform(8))[0]
+    train = [record for record in load_records(path, on_error=lambda error: None) if record.split == "train"]
+    assert [record.id for record in train] == [*good, "missing", "cut", "zero"]
+    for bad in ("cut", "zero", "missing"):  # each bad image fails the check, ahead of any loading
+        records = [record for record in train if record.id in good or record.id == bad]
+        with pytest.raises(DatasetError, match=rf", id {bad}: (image file not found|cannot decode the image)"):
+            policy.screen(records)
+    clean = [record for record in train if record.id in good]
+    assert policy.screen(clean) == clean and policy.write_report(tmp_path / "x.csv") is None
+    assert not (tmp_path / "x.csv").exists()
     with pytest.raises(ValueError, match="on_bad_sample must be one of fail, skip, not 'ignore'"):
         check_policy("ignore")
 

@@ -38,6 +38,16 @@ def _summary(report: CheckReport) -> str:
     return f"{report.records} records, {report.captions} captions; splits: {splits}"
 
 
+def _table(title: str, problems: list[DatasetError], kind: str = "problem") -> Table:
+    """Problems (or warnings: ``kind``) as a table of file, where and what."""
+    table = Table(title=Text(title), title_justify="left")
+    for name in ("file", "where", kind):
+        table.add_column(name, overflow="fold")
+    for problem in problems:
+        table.add_row(Text(problem.source), Text(str(problem.location or "")), Text(problem.problem))
+    return table
+
+
 @data_app.command("check")
 def check_command(
     path: PathArgument,
@@ -50,8 +60,13 @@ def check_command(
         Optional[str], typer.Option(help="CSV separator; 'tab' for a tab (default: tab for .tsv, else comma).")
     ] = None,
     images: Annotated[bool, typer.Option(help="Also open and decode every image.")] = True,
+    allow_outside_root: Annotated[bool, typer.Option(
+        help="Do not warn of image paths that leave the dataset root (../, absolute paths elsewhere).")] = False,
 ) -> None:
-    """List every broken row and unreadable image; exit with status 1 when there is any."""
+    """List every broken row and unreadable image; exit with status 1 when there is any.
+
+    Image paths that leave the dataset root are listed as warnings (they do not change the exit status).
+    """
     options: dict = {}
     if image_key is not None:
         options["image_key"] = image_key
@@ -60,16 +75,15 @@ def check_command(
     if sep is not None:
         options["sep"] = _separator(sep)
     console = Console()
-    report = check_dataset(path, data_format, check_images=images, **options)
+    report = check_dataset(path, data_format, check_images=images, allow_outside_root=allow_outside_root, **options)
+    if report.warnings:
+        console.print(_table(f"{len(report.warnings)} warning(s) in {path}", report.warnings, "warning"))
+        console.print(Text("images outside the dataset root are read all the same; pass --allow-outside-root if "
+                           "they are meant to be there", style="yellow"))
     if report.ok:
         console.print(Text.assemble(("OK", "green"), f" {path}: {_summary(report)}"))
         return
-    table = Table(title=Text(f"{len(report.problems)} problem(s) in {path}"), title_justify="left")
-    for name in ("file", "where", "problem"):
-        table.add_column(name, overflow="fold")
-    for problem in report.problems:
-        table.add_row(Text(problem.source), Text(str(problem.location or "")), Text(problem.problem))
-    console.print(table)
+    console.print(_table(f"{len(report.problems)} problem(s) in {path}", report.problems))
     console.print(Text(_summary(report)))
     raise typer.Exit(code=1)
 

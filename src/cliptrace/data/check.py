@@ -1,15 +1,17 @@
-"""Validate a dataset: every broken metadata row and every missing or undecodable image, in one pass."""
+"""Validate a dataset: every broken metadata row and every missing or undecodable image, in one pass; and warn of image
+paths that leave the dataset root."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cliptrace.data.images import ImageLoader, load_record_image
+from cliptrace.data.images import SHARD_SEPARATOR, ImageLoader, load_record_image
 from cliptrace.data.readers import load_records
-from cliptrace.data.record import DatasetError
+from cliptrace.data.record import DatasetError, Record
 
 
 @dataclass
@@ -22,6 +24,8 @@ class CheckReport:
         captions: Captions of those records.
         splits: Records per split.
         problems: Every problem found; each names its file (or image reference), location and what is wrong.
+        warnings: Records whose image path leaves the dataset root (``../``, an absolute path elsewhere): not wrong
+            in itself, but a dataset from elsewhere can point anywhere on the machine, ``/etc`` included.
     """
 
     path: str
@@ -29,6 +33,7 @@ class CheckReport:
     captions: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     problems: list[DatasetError] = field(default_factory=list)
+    warnings: list[DatasetError] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -36,14 +41,42 @@ class CheckReport:
         return not self.problems
 
 
-def check_dataset(path: str | Path, format: str = "auto", *, check_images: bool = True, **options: Any) -> CheckReport:
+def _dataset_root(path: str | Path, image_root: str | Path | None = None) -> str:
+    """The absolute directory a dataset's relative image paths are read from: ``image_root`` when given, else the
+    dataset directory, or the directory of the dataset file."""
+    if image_root is not None:
+        return os.path.abspath(image_root)
+    path = Path(path)
+    return os.path.abspath(path if path.is_dir() else path.parent)
+
+
+def _outside_root(path: str | Path, records: list[Record], root: str) -> list[DatasetError]:
+    """A warning for each record whose image file lies outside ``root`` (judged on the path as written, with ``..``
+    resolved; shard members are inside their shard)."""
+    return [
+        DatasetError(str(path), f"id {record.id}", f"image {record.image} is outside the dataset root {root}")
+        for record in records
+        if SHARD_SEPARATOR not in record.image and os.path.commonpath([root, os.path.abspath(record.image)]) != root
+    ]
+
+
+def check_dataset(
+    path: str | Path,
+    format: str = "auto",
+    *,
+    check_images: bool = True,
+    allow_outside_root: bool = False,
+    **options: Any,
+) -> CheckReport:
     """Read a dataset collecting every broken row, then open and decode every image.
 
     Args:
         path: Any dataset :func:`~cliptrace.data.readers.load_records` reads.
         format: Dataset format, or ``auto``.
         check_images: Also open every image (location ``id ID`` in the problem).
-        **options: Reader options such as ``image_key``, ``caption_key`` or ``sep``.
+        allow_outside_root: Do not warn of image paths outside the dataset root (``image_root``, or the dataset
+            directory, or the directory of the dataset file).
+        **options: Reader options such as ``image_key``, ``caption_key``, ``sep`` or ``image_root``.
     """
     report = CheckReport(path=str(path))
     try:
@@ -54,6 +87,8 @@ def check_dataset(path: str | Path, format: str = "auto", *, check_images: bool 
     report.records = len(records)
     report.captions = sum(len(record.captions) for record in records)
     report.splits = dict(sorted(Counter(record.split for record in records).items()))
+    if not allow_outside_root:
+        report.warnings = _outside_root(path, records, _dataset_root(path, options.get("image_root")))
     if check_images:
         loader = ImageLoader()
         for record in records:

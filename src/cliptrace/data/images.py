@@ -5,23 +5,28 @@ preprocessing do: grayscale is replicated, palettes are looked up, CMYK is conve
 dropped (not composited: transparent pixels keep their stored colour). 16-bit grayscale, which PIL would clip at
 255, is scaled to 8 bits first (value / 257, rounded). Images above ``PIL.Image.MAX_IMAGE_PIXELS`` decode without
 PIL's decompression-bomb warning (JPEGs at half resolution, which later downscaling hides); images above twice that
-limit, where PIL refuses, are a :class:`DatasetError` naming the file and its size.
+limit, where PIL refuses, are a :class:`DatasetError` naming the file and its size. An image whose EXIF data gives
+an orientation other than the default (a camera held sideways) is turned upright first, as
+``PIL.ImageOps.exif_transpose`` does, so its pixels are the ones image viewers show.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from cliptrace.data.record import DatasetError, Record
 from cliptrace.data.shards import TAR_ERRORS, scan_shard
 
 SHARD_SEPARATOR = "::"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+JPEG_END = b"\xff\xd9"  # the end-of-image marker; byte stuffing keeps it out of the compressed data
 
 
 class ImageLoader:
@@ -68,22 +73,46 @@ class ImageLoader:
             return file.read(size)
 
     def load(self, ref: str) -> Image.Image:
-        """The image ``ref`` names, decoded and converted to RGB (see the module docstring)."""
+        """The image ``ref`` names, decoded, turned upright and converted to RGB (see the module docstring)."""
+        with _decoding(ref, self.read_bytes(ref)) as image:
+            return _to_rgb(image)
+
+    def verify(self, ref: str) -> None:
+        """Check cheaply that the image ``ref`` names would load, without decoding its pixels.
+
+        The file is read and its header parsed, which catches a missing, empty or unrecognized file and one too large
+        to decode. A JPEG must then hold its end-of-image marker after the start of its compressed data (a file cut
+        short does not); any other format gets PIL's ``verify()``, which for PNG checks every chunk's checksum.
+        Damage these checks miss (e.g. garbled compressed data in an intact file) still raises in :meth:`load`.
+
+        Raises:
+            DatasetError: The image would not load; the same problems as :meth:`load` reports.
+        """
         data = self.read_bytes(ref)
-        if not data:
-            raise DatasetError(ref, None, "cannot decode the image: the file is empty (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    return _to_rgb(image)
-        except Image.DecompressionBombError as error:
-            raise DatasetError(ref, None, f"refused, too large to decode safely: {error}") from None
-        except UnidentifiedImageError:
-            problem = "cannot decode the image: not an image format PIL recognizes (or cut short in its header)"
-            raise DatasetError(ref, None, problem) from None
-        except (OSError, SyntaxError, ValueError, EOFError) as error:
-            raise DatasetError(ref, None, f"cannot decode the image: corrupt or truncated ({error})") from None
+        with _decoding(ref, data) as image:
+            if image.format != "JPEG":
+                image.verify()
+            elif data.find(JPEG_END, image.tile[0][2] if image.tile else 0) < 0:
+                raise OSError("the JPEG data stops before its end-of-image marker")
+
+
+@contextlib.contextmanager
+def _decoding(ref: str, data: bytes) -> Iterator[Image.Image]:
+    """The opened image of ``ref``'s bytes ``data``; a problem while opening or decoding it is a DatasetError."""
+    if not data:
+        raise DatasetError(ref, None, "cannot decode the image: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                yield image
+    except Image.DecompressionBombError as error:
+        raise DatasetError(ref, None, f"refused, too large to decode safely: {error}") from None
+    except UnidentifiedImageError:
+        problem = "cannot decode the image: not an image format PIL recognizes (or cut short in its header)"
+        raise DatasetError(ref, None, problem) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise DatasetError(ref, None, f"cannot decode the image: corrupt or truncated ({error})") from None
 
 
 def load_record_image(loader: ImageLoader, record: Record) -> Image.Image:
@@ -95,10 +124,13 @@ def load_record_image(loader: ImageLoader, record: Record) -> Image.Image:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Decode an opened image to RGB: 16-bit grayscale scaled to 8 bits, large JPEGs drafted at half size."""
+    """Decode an opened image to RGB: large JPEGs drafted at half size, turned upright by their EXIF orientation,
+    16-bit grayscale scaled to 8 bits."""
     limit = Image.MAX_IMAGE_PIXELS
     if image.format == "JPEG" and limit is not None and image.width * image.height > limit:
         image.draft("RGB", ((image.width + 1) // 2, (image.height + 1) // 2))
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
         values = np.asarray(image, dtype=np.float64).clip(0, 65535)
         return Image.fromarray(np.rint(values / 257).astype(np.uint8)).convert("RGB")

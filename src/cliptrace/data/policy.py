@@ -1,20 +1,24 @@
 """The ``--on-bad-sample`` policy: fail on the first bad sample, or skip every bad sample and list it.
 
 A bad sample is a broken metadata row (see :mod:`cliptrace.data.readers`) or a record whose image is missing or does
-not decode. Under ``fail`` (the default) nothing is checked ahead: a broken row raises while the dataset is read, and
-a bad image raises when it is loaded, naming the image file and the record id. Under ``skip`` broken rows are
-collected while reading, and every image of the records in use is opened and fully decoded once, up front; records
-with a problem are dropped and listed in a skip report (``skipped.csv``: source, location, problem). The checks
-depend only on the data, so the same dataset and split always keep the same records: TRAK featurization skips
-exactly what training skipped.
+not decode. Under ``fail`` (the default) a broken row raises while the dataset is read, and every image of the records
+in use is checked up front, cheaply (:meth:`~cliptrace.data.images.ImageLoader.verify`), before any is used: the first
+bad one raises, naming the image file and the record id, whether or not training would have drawn it. Under ``skip``
+broken rows are collected while reading, and every image of the records in use is opened and fully decoded once, up
+front; records with a problem are dropped and listed in a skip report (``skipped.csv``: source, location, problem).
+The checks depend only on the data, so the same dataset and split always keep the same records: TRAK featurization
+skips exactly what training skipped. Both show a progress bar on a terminal (on stderr, removed when done).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records
@@ -47,7 +51,7 @@ class BadSamplePolicy:
 
     Args:
         on_bad_sample: ``"fail"`` or ``"skip"``.
-        loader: Opens the images checked under ``skip``; a new :class:`ImageLoader` when None.
+        loader: Opens the images checked; a new :class:`ImageLoader` when None.
 
     Attributes:
         on_bad_sample: The policy.
@@ -92,31 +96,42 @@ class BadSamplePolicy:
         return records
 
     def screen(self, records: Sequence[Record]) -> list[Record]:
-        """The records whose image opens and decodes (under ``fail``: every record, unchecked).
+        """The records whose image is good, each image checked once, up front.
+
+        Under ``fail`` every image gets the cheap check of :meth:`ImageLoader.verify` and every record is returned;
+        under ``skip`` every image is fully decoded and the records with a bad one are left out and kept.
 
         Raises:
-            DatasetError: Under ``skip``, records were given and none of them has a readable image.
+            DatasetError: Under ``fail``, an image is bad (naming the image file and the record id); under ``skip``,
+                records were given and none of them has a readable image.
         """
-        if not self.skips:
-            return list(records)
+        check = self.loader.load if self.skips else self.loader.verify
         kept = []
-        for record in records:
-            if record.image not in self._images:
-                try:
-                    self.loader.load(record.image)
-                    self._images[record.image] = None
-                except DatasetError as error:
-                    self._images[record.image] = error
-            error = self._images[record.image]
-            if error is None:
-                kept.append(record)
-            else:
-                self._skip(DatasetError(error.source, f"id {record.id}", error.problem))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as progress:
+            for record in progress.track(records, description="decoding images" if self.skips else "checking images"):
+                error = self._image_problem(record.image, check)
+                if error is None:
+                    kept.append(record)
+                elif self.skips:
+                    self._skip(DatasetError(error.source, f"id {record.id}", error.problem))
+                else:
+                    raise DatasetError(error.source, f"id {record.id}", error.problem)
         if records and not kept:
             first = self._images[records[0].image]
             problem = f"{first.problem}; every one of the {len(records)} records in use was skipped for a bad image"
             raise DatasetError(first.source, f"id {records[0].id}", problem)
         return kept
+
+    def _image_problem(self, image: str, check: Callable[[str], object]) -> DatasetError | None:
+        """What ``check`` finds wrong with ``image`` (None when nothing), found once per image."""
+        if image not in self._images:
+            try:
+                check(image)
+                self._images[image] = None
+            except DatasetError as error:
+                self._images[image] = error
+        return self._images[image]
 
     def write_report(self, path: str | Path) -> Path | None:
         """Under ``skip``, write the skip report to ``path`` atomically (a header alone when nothing was skipped).

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from PIL import Image
+
 from cliptrace.data.images import SHARD_SEPARATOR
 from cliptrace.data.record import DatasetError, Record
 from cliptrace.data.shards import TAR_ERRORS, scan_shard
@@ -203,16 +205,96 @@ def _split_from_name(name: str) -> str:
     return next((split for split in ("train", "val", "test") if split in lowered), "train")
 
 
-def _csv_rows(text: str, delimiter: str, source: str) -> Iterator[tuple[int, list[str]]]:
-    """(first line number, fields) of every CSV row, header included."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    line = 1
+class _Lines:
+    """The physical lines of a text (ended by ``\\n``, ``\\r\\n`` or ``\\r``, as csv.reader sees them), handed out
+    one at a time to csv.reader; reading can go back to any line."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = list(io.StringIO(text, newline=""))
+        self.next = 0
+        self.ran_out = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self.next >= len(self.lines):
+            self.ran_out = True
+            raise StopIteration
+        self.next += 1
+        return self.lines[self.next - 1]
+
+    def go_to(self, index: int) -> None:
+        """Hand out the line at 0-based ``index`` next."""
+        self.next = index
+        self.ran_out = False
+
+
+def _csv_header(lines: _Lines, delimiter: str, source: str) -> list[str]:
+    """The fields of the first CSV row (the header); empty for an empty file."""
     try:
-        for row in reader:
-            yield line, row
-            line = reader.line_num + 1
+        return next(csv.reader(lines, delimiter=delimiter), [])
     except csv.Error as error:
-        raise DatasetError(source, f"line {line}", f"malformed CSV ({error})") from None
+        raise DatasetError(source, "line 1", f"malformed CSV ({error})") from None
+
+
+def _reads_as_row(line: str, delimiter: str, is_row: Callable[[list[str]], bool]) -> bool:
+    """Whether one physical line, read on its own, is a complete row: every quote in it closed, no field holding a
+    quote, and ``is_row`` of its fields.
+
+    A line inside a legitimate quoted field that holds a quote holds the one that closes the field, or a doubled one;
+    read on its own, either leaves a quote open or puts one in a field.
+    """
+    try:
+        fields = next(csv.reader([line], delimiter=delimiter, strict=True), [])
+    except csv.Error:
+        return False
+    return not any('"' in field for field in fields) and is_row(fields)
+
+
+def _csv_rows(
+    lines: _Lines, delimiter: str, source: str, is_row: Callable[[list[str]], bool], recover: bool
+) -> Iterator[tuple[int, list[str], str | None]]:
+    """(first line number, fields, unbalanced-quote problem or None) of every CSV row after ``lines``' position.
+
+    A quoted field may hold line breaks. A row whose quoted field is never closed, or takes in lines that read as
+    complete rows of their own (``is_row``), or outgrows the csv module's field limit, has an unbalanced quote (a stray
+    ``"`` at the start of a field): it is yielded with the problem, naming how many lines it took in, and reading goes
+    on at its second line, so a stray quote costs its own row only (``recover`` says so in the problem).
+    """
+    while True:
+        reader = csv.reader(lines, delimiter=delimiter)
+        start = lines.next
+        problem = None
+        try:
+            for fields in reader:
+                taken = lines.next - start - 1
+                if lines.ran_out:
+                    problem = "a quoted field opens on this line and is never closed" + (
+                        f": it takes in the {taken} line(s) after it, to the end of the file" if taken else ""
+                    )
+                elif taken:
+                    rows = sum(
+                        _reads_as_row(line, delimiter, is_row) for line in lines.lines[start + 1 : lines.next]
+                    )
+                    if rows:
+                        problem = (f"a quoted field opens on this line and runs on to line {lines.next}, taking in "
+                                   f"{taken} line(s) after it, {rows} of which read as rows of their own")
+                if problem is not None:
+                    break
+                yield start + 1, fields, None
+                start = lines.next
+            else:
+                return
+        except csv.Error as error:
+            if lines.next - start <= 1:
+                raise DatasetError(source, f"line {start + 1}", f"malformed CSV ({error})") from None
+            taken = lines.next - start - 1
+            problem = f"a quoted field opens on this line and runs on past line {lines.next} ({error})"
+        if recover and taken:
+            problem += f"; this row is left out and the lines after it are read again as rows, from line {start + 2}"
+        yield start + 1, [], f"unbalanced quote: {problem}"
+        lines.go_to(start + 1)
 
 
 def _cell(values: dict[str, str], key: str | None) -> str | None:
@@ -237,6 +319,10 @@ def read_csv(
 ) -> list[Record]:
     """Read an open_clip-style CSV/TSV file: one row per caption, rows sharing an image grouped into one record.
 
+    A quoted field may hold line breaks. A row with an unbalanced quote (a quoted field never closed, or one that
+    takes in lines reading as complete rows naming an image file) is a broken row at the line the quote opens on,
+    naming the lines it took in; with ``on_error``, reading goes on at the next line, so no other row is lost.
+
     Args:
         path: The CSV or TSV file (UTF-8, with or without a byte-order mark).
         image_key: Column holding the image path, relative to ``image_root``.
@@ -256,16 +342,31 @@ def read_csv(
         raise DatasetError(source, None, f"the separator must be one character, not {delimiter!r}")
     caption_keys = [caption_key] if isinstance(caption_key, str) else list(caption_key)
     root = _root(path, image_root)
-    rows = _csv_rows(_read_text(path), delimiter, source)
-    _, header = next(rows, (1, []))
+    lines = _Lines(_read_text(path))
+    header = _csv_header(lines, delimiter, source)
     if not header:
         raise DatasetError(source, "line 1", "expected a header row naming the columns")
     missing = [key for key in (image_key, *caption_keys) if key not in header]
     if missing:
         hint = f" (is {delimiter!r} the right separator?)" if len(header) == 1 else ""
         raise DatasetError(source, "line 1", f"missing column(s) {missing}; the header has {header}{hint}")
+    image_index = header.index(image_key)
+    required = [image_index, *(header.index(key) for key in caption_keys)]
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+
+    def is_row(fields: list[str]) -> bool:
+        """Whether ``fields`` are a complete row naming an image file (the test for lines a stray quote took in)."""
+        return (
+            len(fields) == len(header)
+            and all(fields[index].strip() for index in required)
+            and os.path.splitext(fields[image_index].strip())[1].lower() in extensions
+        )
+
     records = _Records()
-    for line, row in rows:
+    for line, row, quote in _csv_rows(lines, delimiter, source, is_row, recover=on_error is not None):
+        if quote is not None:
+            _report(DatasetError(source, f"line {line}", quote), on_error)
+            continue
         if not "".join(row).strip():
             continue
         try:
@@ -655,7 +756,7 @@ def read_image_folder(
     )
     if metadata.suffix == ".jsonl":
         return read_jsonl(metadata, image_key="file_name", **options)
-    _, header = next(_csv_rows(_read_text(metadata), ",", str(metadata)), (1, []))
+    header = _csv_header(_Lines(_read_text(metadata)), ",", str(metadata))
     caption_key = next((name for name in ("text", "caption", "captions") if name in header), "text")
     return read_csv(metadata, image_key="file_name", caption_key=caption_key, **options)
 
