@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cliptrace.data import readers
 from cliptrace.data.policy import check_policy
+from cliptrace.data.record import DatasetError
 from cliptrace.files import write_text_atomic
 
-# Settings that may differ when a run is resumed; every other setting must match the stored run.
-RESUMABLE_CHANGES = ("epochs", "num_workers", "progress")
+# Settings that may differ when a run is resumed; every other setting must match the stored run. ``out`` is where
+# the run is now, so a run directory may be moved or copied and resumed there.
+RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out")
+# Settings that name files: compared by what they stand for (see TrainConfig.inputs), not by how they are spelled.
+PATH_SETTINGS = ("data", "model", "train_ids")
 
 
 @dataclass
@@ -113,11 +120,62 @@ class TrainConfig:
         except (OSError, json.JSONDecodeError, TypeError) as error:
             raise ValueError(f"{path}: not a readable training config ({error})") from error
 
-    def differences(self, other: "TrainConfig") -> dict[str, tuple[object, object]]:
-        """Settings that differ from ``other`` and may not change on resume, as name -> (self, other)."""
-        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+    def absolute(self) -> "TrainConfig":
+        """This config with ``data``, ``model`` and ``train_ids`` as absolute paths (valid from any directory)."""
+        return dataclasses.replace(
+            self, **{name: os.path.abspath(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)}
+        )
+
+    def inputs(self) -> dict[str, str | None]:
+        """What ``data``, ``model`` and ``train_ids`` stand for, however they are spelled.
+
+        ``data`` is the dataset file (or shard folder or pattern) that format detection reads, with symlinks and
+        relative parts resolved, so a folder and its ``captions.csv`` are the same; ``model`` is the resolved model
+        directory; ``train_ids`` is the sha256 of the file's contents (its resolved path when it cannot be read).
+        Relative paths are taken from the current directory.
+        """
+        train_ids = None
+        if self.train_ids is not None:
+            try:
+                train_ids = "sha256:" + hashlib.sha256(Path(self.train_ids).read_bytes()).hexdigest()
+            except OSError:
+                train_ids = str(Path(self.train_ids).resolve())
         return {
+            "data": _dataset_target(self.data, self.data_format),
+            "model": None if self.model is None else str(Path(self.model).resolve()),
+            "train_ids": train_ids,
+        }
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple[object, object]]:
+        """Settings that differ from ``other`` and may not change on resume, as name -> (self, other).
+
+        Paths are compared by :meth:`inputs` (and reported so); ``out`` and :data:`RESUMABLE_CHANGES` are not
+        compared.
+        """
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        changed = {
             name: (mine[name], theirs[name])
             for name in mine
-            if name not in RESUMABLE_CHANGES and mine[name] != theirs[name]
+            if name not in RESUMABLE_CHANGES + PATH_SETTINGS and mine[name] != theirs[name]
         }
+        my_inputs, their_inputs = self.inputs(), other.inputs()
+        changed.update({
+            name: (my_inputs[name], their_inputs[name])
+            for name in PATH_SETTINGS
+            if my_inputs[name] != their_inputs[name]
+        })
+        return changed
+
+
+def _dataset_target(data: str, data_format: str) -> str:
+    """The resolved path :func:`cliptrace.data.load_records` reads for ``data`` (``data`` itself when it cannot
+    tell: loading the data then reports why)."""
+    path = Path(data)
+    try:
+        if data_format == "auto":
+            _, path = readers._locate(path)
+        elif path.is_dir():
+            path = next((target for found, target in readers._directory_datasets(path) if found == data_format), path)
+    except DatasetError:
+        path = Path(data)
+    return str(path.resolve())
