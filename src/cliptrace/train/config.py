@@ -19,6 +19,7 @@ from cliptrace.files import write_text_atomic
 RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out")
 # Settings that name files: compared by what they stand for (see TrainConfig.inputs), not by how they are spelled.
 PATH_SETTINGS = ("data", "model", "train_ids")
+INPUTS = "inputs"  # the key of config.json that records what the paths stood for when it was saved
 
 
 @dataclass
@@ -108,17 +109,34 @@ class TrainConfig:
                              "(which need every record up front); check the data with `cliptrace data check`")
 
     def save(self, path: Path) -> None:
-        """Write the config as JSON (atomically)."""
-        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        """Write the config as JSON (atomically), with what its paths stand for now (:meth:`inputs`)."""
+        write_text_atomic(path, json.dumps({**dataclasses.asdict(self), INPUTS: self.inputs()}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
         """Read a config written by :meth:`save`."""
+        data = cls._read(path)
+        data.pop(INPUTS, None)
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise ValueError(f"{path}: not a readable training config ({error})") from error
+
+    @classmethod
+    def load_inputs(cls, path: Path) -> dict[str, str | None] | None:
+        """What the paths of a config written by :meth:`save` stood for then; None when it does not say."""
+        inputs = cls._read(path).get(INPUTS)
+        return inputs if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) else None
+
+    @staticmethod
+    def _read(path: Path) -> dict:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path}: not a readable training config ({error})") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a readable training config (not a JSON object)")
+        return data
 
     def absolute(self) -> "TrainConfig":
         """This config with ``data``, ``model`` and ``train_ids`` as absolute paths (valid from any directory)."""
@@ -146,11 +164,13 @@ class TrainConfig:
             "train_ids": train_ids,
         }
 
-    def differences(self, other: "TrainConfig") -> dict[str, tuple[object, object]]:
+    def differences(self, other: "TrainConfig", other_inputs: dict[str, str | None] | None = None
+                    ) -> dict[str, tuple[object, object]]:
         """Settings that differ from ``other`` and may not change on resume, as name -> (self, other).
 
-        Paths are compared by :meth:`inputs` (and reported so); ``out`` and :data:`RESUMABLE_CHANGES` are not
-        compared.
+        Paths are compared by :meth:`inputs` (and reported so), against ``other_inputs`` when given (what
+        ``other``'s paths stood for when it was saved, see :meth:`load_inputs`: an ids file edited since then
+        differs); :data:`RESUMABLE_CHANGES`, ``out`` among them, are not compared.
         """
         mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
         changed = {
@@ -158,7 +178,7 @@ class TrainConfig:
             for name in mine
             if name not in RESUMABLE_CHANGES + PATH_SETTINGS and mine[name] != theirs[name]
         }
-        my_inputs, their_inputs = self.inputs(), other.inputs()
+        my_inputs, their_inputs = self.inputs(), other_inputs or other.inputs()
         changed.update({
             name: (my_inputs[name], their_inputs[name])
             for name in PATH_SETTINGS

@@ -85,8 +85,7 @@ def check_run_dir(config: TrainConfig, resume: bool) -> bool:
     if not resume:
         raise FileExistsError(f"{run_dir}: a run already exists here; pass --resume to continue it or choose another "
                               "--out")
-    stored = TrainConfig.load(config_path)
-    changed = config.differences(stored)
+    changed = config.differences(TrainConfig.load(config_path), TrainConfig.load_inputs(config_path))
     if changed:
         details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (new, old) in changed.items())
         raise ValueError(f"{run_dir}: cannot resume with different settings ({details})")
