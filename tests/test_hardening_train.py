@@ -204,13 +204,22 @@ def test_the_lock_is_taken_before_anything_is_read_and_released_after_an_error(w
 
 def test_leftovers_of_a_killed_run_are_removed_on_the_next_run(finished: Path, world: Path, tmp_path: Path) -> None:
     run = _copy(finished, tmp_path / "run")
-    shutil.copytree(run / "checkpoints" / "epoch-0002", run / "checkpoints" / "epoch-0003.partial")
-    (run / ".train.0123456789abcdef.tmp.csv").write_text("half a log")
+    left = [run / "checkpoints" / "epoch-0003.partial", run / "model.partial", run / ".train.0123456789abcdef.tmp.csv",
+            run / "checkpoints" / "epoch-0002" / ".model.0123456789abcdef.tmp.safetensors"]
+    for path in left[:2]:
+        shutil.copytree(run / "checkpoints" / "epoch-0002", path)
+    for path in left[2:]:
+        path.write_text("half a file")
+    # Other commands' files under the run directory, perhaps being written right now, stay.
+    others = [run / "trak" / "store" / ".features.0123456789abcdef.tmp.npy",
+              run / ".test_metrics.0123456789abcdef.tmp.json"]
+    for path in others:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("another command's")
     code, output = _resume(world, run, 2)
     assert code == 0, output
-    assert f"warning: {run}: removed 2 temporary file(s) or folder(s) a killed run left" in output.replace("\n", "")
-    assert not (run / "checkpoints" / "epoch-0003.partial").exists()
-    assert not (run / ".train.0123456789abcdef.tmp.csv").exists()
+    assert f"warning: {run}: removed 4 temporary file(s) or folder(s) a killed run left" in output.replace("\n", "")
+    assert not any(path.exists() for path in left) and all(path.exists() for path in others)
 
 
 # --- 5. damaged checkpoints, full disks: one line; resume falls back to the newest intact checkpoint -------------

@@ -3,13 +3,16 @@
 ``RUN/run.lock`` is held (``flock``, exclusive) by the process that writes the run (the global rank 0 of a
 distributed run) for as long as it trains; a second ``train`` on the same directory fails at once with
 :class:`RunBusyError` naming the holder. The lock dies with its process, so a killed run never blocks the next.
-While holding it, the run removes the temporaries and ``.partial`` directories killed writers left, with one
-:class:`RunWarning` that counts them.
+While holding it, the run removes the temporaries and ``.partial`` directories that killed training runs left,
+with one :class:`RunWarning` that counts them. Only training's own: other commands write under the run directory
+too (``trak/``, ``verify/``, ``report/``, ``test_metrics.json``), under their own locks or none, and may be running.
 """
 
 from __future__ import annotations
 
 import errno
+import re
+import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +24,11 @@ from cliptrace.train.config import TrainConfig
 
 RUN_LOCK = "run.lock"
 CONFIG = "config.json"
+# What cliptrace.files.atomic_file names the temporaries of the files training writes at the top of a run directory
+# (".STEM.HEX16.tmp.SUFFIX"), and the .partial directory of the final model; under checkpoints/ everything is
+# training's.
+_OWN_TEMPORARY = re.compile(r"^\.(config|skipped|metrics|train|eval)\.[0-9a-f]{16}\.tmp\.(json|csv)$")
+_OWN_PARTIAL = "model.partial"
 
 
 class RunBusyError(OSError):
@@ -56,7 +64,7 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
             "it to finish or choose another --out",
         ) from None
     try:
-        removed = remove_temporaries(run_dir)
+        removed = _remove_leftovers(run_dir)
         if removed:
             names = ", ".join(str(path.relative_to(run_dir)) for path in removed[:3])
             warnings.warn(f"{run_dir}: removed {len(removed)} temporary file(s) or folder(s) a killed run left "
@@ -69,6 +77,19 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
         raise
     finally:
         lock.release()
+
+
+def _remove_leftovers(run_dir: Path) -> list[Path]:
+    """Remove what killed training runs left in ``run_dir`` (see the module docstring); return the removed paths."""
+    removed = remove_temporaries(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
+    for path in sorted(run_dir.iterdir()):
+        if path.is_file() and _OWN_TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        elif path.is_dir() and path.name == _OWN_PARTIAL:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def check_run_dir(config: TrainConfig, resume: bool) -> bool:
