@@ -26,7 +26,13 @@ from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
-from cliptrace.train.checkpoint import checkpoint_dir, list_checkpoints, prune_checkpoints, resume_point, save_checkpoint
+from cliptrace.train.checkpoint import (
+    checkpoint_dir,
+    list_checkpoints,
+    prune_checkpoints,
+    resume_point,
+    save_checkpoint,
+)
 from cliptrace.train.config import TrainConfig
 from cliptrace.train.loss import contrastive_loss
 from cliptrace.train.metrics_log import MetricsLog
