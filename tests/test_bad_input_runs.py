@@ -216,19 +216,19 @@ def test_a_full_disk_while_checkpointing_keeps_earlier_checkpoints_and_resume_co
     world, _ = trained
     config = TrainConfig(data=str(world), out=str(tmp_path / "run"), preset="tiny", image_size=32, vocab_size=300,
                          epochs=2, batch_size=8, warmup_steps=1, eval_split=None, progress=False)
-    real_save, calls = checkpoint_module.torch.save, []
+    real_save, calls = checkpoint_module.write_state, []
 
     def fill_up_on_second(*args: object, **kwargs: object) -> None:
         calls.append(1)
         (_full_disk if len(calls) == 2 else real_save)(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", fill_up_on_second)
-    with pytest.raises(OSError, match="No space left on device"):
+    monkeypatch.setattr(checkpoint_module, "write_state", fill_up_on_second)
+    with pytest.raises(OSError, match="epoch-0002: could not write the checkpoint .*No space left on device"):
         train(config)
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["epoch-0001"]
     assert sorted(path.name for path in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch-0001"]
     assert not (tmp_path / "run" / "model").exists()
-    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)  # space was freed
+    monkeypatch.setattr(checkpoint_module, "write_state", real_save)  # space was freed
     result = train(config, resume=True)
     assert [path.name for path in result.checkpoints] == ["epoch-0001", "epoch-0002"]
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cliptrace.data import readers
 from cliptrace.data.policy import check_policy
+from cliptrace.data.record import DatasetError
 from cliptrace.files import write_text_atomic
 
-# Settings that may differ when a run is resumed; every other setting must match the stored run.
-RESUMABLE_CHANGES = ("epochs", "num_workers", "progress")
+# Settings that may differ when a run is resumed; every other setting must match the stored run. ``out`` is where
+# the run is now, so a run directory may be moved or copied and resumed there.
+RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out")
+# Settings that name files: compared by what they stand for (see TrainConfig.inputs), not by how they are spelled.
+PATH_SETTINGS = ("data", "model", "train_ids")
+INPUTS = "inputs"  # the key of config.json that records what the paths stood for when it was saved
 
 
 @dataclass
@@ -101,23 +109,93 @@ class TrainConfig:
                              "(which need every record up front); check the data with `cliptrace data check`")
 
     def save(self, path: Path) -> None:
-        """Write the config as JSON (atomically)."""
-        write_text_atomic(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        """Write the config as JSON (atomically), with what its paths stand for now (:meth:`inputs`)."""
+        write_text_atomic(path, json.dumps({**dataclasses.asdict(self), INPUTS: self.inputs()}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
         """Read a config written by :meth:`save`."""
+        data = cls._read(path)
+        data.pop(INPUTS, None)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
             return cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except TypeError as error:
             raise ValueError(f"{path}: not a readable training config ({error})") from error
 
-    def differences(self, other: "TrainConfig") -> dict[str, tuple[object, object]]:
-        """Settings that differ from ``other`` and may not change on resume, as name -> (self, other)."""
-        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+    @classmethod
+    def load_inputs(cls, path: Path) -> dict[str, str | None] | None:
+        """What the paths of a config written by :meth:`save` stood for then; None when it does not say."""
+        inputs = cls._read(path).get(INPUTS)
+        return inputs if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) else None
+
+    @staticmethod
+    def _read(path: Path) -> dict:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a readable training config ({error})") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a readable training config (not a JSON object)")
+        return data
+
+    def absolute(self) -> "TrainConfig":
+        """This config with ``data``, ``model`` and ``train_ids`` as absolute paths (valid from any directory)."""
+        return dataclasses.replace(
+            self, **{name: os.path.abspath(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)}
+        )
+
+    def inputs(self) -> dict[str, str | None]:
+        """What ``data``, ``model`` and ``train_ids`` stand for, however they are spelled.
+
+        ``data`` is the dataset file (or shard folder or pattern) that format detection reads, with symlinks and
+        relative parts resolved, so a folder and its ``captions.csv`` are the same; ``model`` is the resolved model
+        directory; ``train_ids`` is the sha256 of the file's contents (its resolved path when it cannot be read).
+        Relative paths are taken from the current directory.
+        """
+        train_ids = None
+        if self.train_ids is not None:
+            try:
+                train_ids = "sha256:" + hashlib.sha256(Path(self.train_ids).read_bytes()).hexdigest()
+            except OSError:
+                train_ids = str(Path(self.train_ids).resolve())
         return {
+            "data": _dataset_target(self.data, self.data_format),
+            "model": None if self.model is None else str(Path(self.model).resolve()),
+            "train_ids": train_ids,
+        }
+
+    def differences(self, other: "TrainConfig", other_inputs: dict[str, str | None] | None = None
+                    ) -> dict[str, tuple[object, object]]:
+        """Settings that differ from ``other`` and may not change on resume, as name -> (self, other).
+
+        Paths are compared by :meth:`inputs` (and reported so), against ``other_inputs`` when given (what
+        ``other``'s paths stood for when it was saved, see :meth:`load_inputs`: an ids file edited since then
+        differs); :data:`RESUMABLE_CHANGES`, ``out`` among them, are not compared.
+        """
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        changed = {
             name: (mine[name], theirs[name])
             for name in mine
-            if name not in RESUMABLE_CHANGES and mine[name] != theirs[name]
+            if name not in RESUMABLE_CHANGES + PATH_SETTINGS and mine[name] != theirs[name]
         }
+        my_inputs, their_inputs = self.inputs(), other_inputs or other.inputs()
+        changed.update({
+            name: (my_inputs[name], their_inputs[name])
+            for name in PATH_SETTINGS
+            if my_inputs[name] != their_inputs[name]
+        })
+        return changed
+
+
+def _dataset_target(data: str, data_format: str) -> str:
+    """The resolved path :func:`cliptrace.data.load_records` reads for ``data`` (``data`` itself when it cannot
+    tell: loading the data then reports why)."""
+    path = Path(data)
+    try:
+        if data_format == "auto":
+            _, path = readers._locate(path)
+        elif path.is_dir():
+            path = next((target for found, target in readers._directory_datasets(path) if found == data_format), path)
+    except DatasetError:
+        path = Path(data)
+    return str(path.resolve())

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,14 +29,15 @@ from cliptrace.models.base import DualEncoder
 from cliptrace.train.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
-    load_training_state,
     prune_checkpoints,
+    resume_point,
     save_checkpoint,
 )
 from cliptrace.train.config import TrainConfig
 from cliptrace.train.loss import contrastive_loss
 from cliptrace.train.metrics_log import MetricsLog
 from cliptrace.train.optim import build_optimizer
+from cliptrace.train.run_dir import CONFIG, check_run_dir, locked_run_dir
 
 STREAM_TOKENIZER_CAPTIONS = 200_000  # captions a new model's tokenizer is trained on when streaming
 
@@ -60,23 +63,6 @@ class TrainResult:
     seconds: float = 0.0
     is_main: bool = True
     skipped: str | None = None
-
-
-def _prepare_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, Path | None]:
-    """Create or validate the run directory; return it and the checkpoint to resume from (if any)."""
-    run_dir = Path(config.out)
-    config_path = run_dir / "config.json"
-    checkpoints = list_checkpoints(run_dir)
-    latest = checkpoints[-1] if checkpoints else None
-    if config_path.is_file():
-        if not resume:
-            raise FileExistsError(f"{run_dir}: a run already exists here; pass resume to continue it or choose another --out")
-        stored = TrainConfig.load(config_path)
-        changed = config.differences(stored)
-        if changed:
-            details = ", ".join(f"{name}: {old!r} -> {new!r}" for name, (new, old) in changed.items())
-            raise ValueError(f"{run_dir}: cannot resume with different settings ({details})")
-    return run_dir, latest
 
 
 def _new_model(config: TrainConfig, captions: Callable[[], list[str]]) -> DualEncoder:
@@ -175,10 +161,16 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Train ``config``'s model contrastively and return where everything was saved.
 
     A new run writes ``config.json``, then after every ``save_every`` epochs a checkpoint
-    ``checkpoints/epoch-NNNN/`` (model directory + ``training_state.pt``), per-step ``train.csv`` and per-epoch
-    ``eval.csv`` logs (and TensorBoard when installed), and at the end ``model/`` and ``metrics.json``. With
-    ``resume=True`` an existing run continues from its newest checkpoint (same settings; ``epochs`` may grow).
-    Under ``on_bad_sample="skip"`` the run first writes ``skipped.csv``; a resumed run must skip the same samples.
+    ``checkpoints/epoch-NNNN/`` (model directory + training state, see :mod:`cliptrace.train.checkpoint`), per-step
+    ``train.csv`` and per-epoch ``eval.csv`` logs (and TensorBoard when installed), and at the end ``model/`` and
+    ``metrics.json``. With ``resume=True`` an existing run continues from its newest intact checkpoint (same
+    settings; ``epochs`` may grow). Under ``on_bad_sample="skip"`` the run first writes ``skipped.csv``; a resumed run
+    must skip the same samples. The run directory is locked for the whole run (see :mod:`cliptrace.train.run_dir`).
+
+    Raises:
+        RunBusyError: Another process is training in ``config.out``.
+        ValueError: Bad settings or data, a run that may not be resumed with them, or a non-finite loss or gradient
+            norm (the run stops at that step).
     """
     started = time.perf_counter()
     fabric = Fabric(
@@ -189,8 +181,30 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         precision=config.precision,
     )
     fabric.launch()
-    run_dir, latest = _prepare_run_dir(config, resume)
-    resuming = (run_dir / "config.json").is_file()
+    with ExitStack() as stack:
+        _lock_run_dir(fabric, Path(config.out), stack)
+        return _train(fabric, config, resume, started)
+
+
+def _lock_run_dir(fabric: Fabric, run_dir: Path, stack: ExitStack) -> None:
+    """Rank 0 holds the run directory's lock until ``stack`` closes; every rank raises when it could not."""
+    failure = None
+    if fabric.global_rank == 0:
+        try:
+            stack.enter_context(locked_run_dir(run_dir))
+        except OSError as error:
+            failure = error
+    message = fabric.broadcast(None if failure is None else str(failure), src=0)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise OSError(message)
+
+
+def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) -> TrainResult:
+    """:func:`train` once the run directory is locked."""
+    run_dir = Path(config.out)
+    resuming = check_run_dir(config, resume)
     fabric.barrier()  # every rank has checked the run directory before rank 0 writes into it
     world = fabric.world_size
     if config.batch_size % world:
@@ -217,16 +231,14 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         )
 
     fabric.seed_everything(config.seed, verbose=False)
-    if latest is not None:
-        model = load_model(latest)
-        state = load_training_state(latest)
+    resumed = resume_point(run_dir, warn=fabric.global_rank == 0)
+    if resumed is not None:
+        checkpoint, model, state = resumed
     else:
-        model = _new_model(config, captions)
-        state = None
+        model, state = _new_model(config, captions), None
     if fabric.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         policy.write_report(run_dir / SKIP_REPORT)
-        config.save(run_dir / "config.json")
+        config.absolute().save(run_dir / CONFIG)
 
     if config.stream:
         dataloader, dataset = _stream_loader(config, index, model, world, fabric.global_rank)
@@ -239,12 +251,17 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     )
     start_epoch, step = 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = state["epoch"], state["step"]
-        torch.set_rng_state(state["torch_rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step = state["epoch"], state["step"]
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{checkpoint}: its training state does not fit this run ({type(error).__name__}: "
+                             f"{error})") from error
     fabric_model, optimizer = fabric.setup(model, optimizer)
     log = MetricsLog(run_dir, resume_step=step if resume else None) if fabric.global_rank == 0 else None
+    scaled = config.precision in ("16", "16-mixed")
 
     with _progress(config.progress and fabric.global_rank == 0) as progress:
         task = progress.add_task("train", total=config.epochs * steps_per_epoch, completed=step, status="")
@@ -255,20 +272,23 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
             fabric_model.train()
             for batch in dataloader:  # not wrapped by Fabric: it would reset the sampler epoch on resume
                 optimizer.zero_grad(set_to_none=True)
-                loss = backward_step(fabric, fabric_model, fabric.to_device(batch))
-                grad_norm = (
-                    fabric.clip_gradients(fabric_model, optimizer, max_norm=config.grad_clip)
-                    if config.grad_clip
-                    else None
-                )
+                loss = backward_step(fabric, fabric_model, fabric.to_device(batch)).item()
+                _check_finite(run_dir, "loss", loss, step + 1, epoch + 1, config.grad_clip)
+                grad_norm = None
+                if config.grad_clip:  # checked here, not by Fabric's error_if_nonfinite, to name the step
+                    clipped = fabric.clip_gradients(fabric_model, optimizer, max_norm=config.grad_clip,
+                                                    error_if_nonfinite=False)
+                    grad_norm = float(clipped)
+                    if not scaled:  # a loss scaler skips the steps whose gradients overflow
+                        _check_finite(run_dir, "the gradient norm", grad_norm, step + 1, epoch + 1, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 model.clamp_logit_scale()
                 step += 1
-                row = {"step": step, "epoch": epoch + 1, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                row = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
                        "logit_scale": model.logit_scale.exp().item()}
                 if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
+                    row["grad_norm"] = grad_norm
                 if log is not None:
                     log.write("train", row)
                 progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {row['loss']:.3f}")
@@ -287,7 +307,6 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                             "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(),
                             "torch_rng": torch.get_rng_state(),
-                            "config": config.__dict__.copy(),
                         },
                     )
                     prune_checkpoints(run_dir, config.keep_checkpoints)
@@ -312,6 +331,19 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         is_main=fabric.global_rank == 0,
         skipped=policy.summary(run_dir / SKIP_REPORT),
     )
+
+
+def _check_finite(run_dir: Path, what: str, value: float, step: int, epoch: int, grad_clip: float | None) -> None:
+    """Stop the run at the first NaN or infinite loss or gradient norm, naming the step.
+
+    Raises:
+        ValueError: ``value`` is not finite.
+    """
+    if math.isfinite(value):
+        return
+    hint = "lower --lr" + ("" if grad_clip else ", use --grad-clip") + ", or check the model weights / data"
+    raise ValueError(f"{run_dir}: {what} is {'NaN' if math.isnan(value) else value} at step {step} (epoch {epoch}); "
+                     f"{hint}")
 
 
 def backward_step(fabric: Fabric, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
