@@ -86,3 +86,18 @@ def test_an_error_inside_an_atomic_directory_leaves_the_previous_version(tmp_pat
         raise RuntimeError("killed")
     assert (target / "weights").read_text() == "v1"
     assert remove_temporaries(tmp_path) == []
+
+
+def test_remove_temporaries_of_named_outputs_leaves_other_writers_leftovers(tmp_path: Path) -> None:
+    for name in (".config.0123456789abcdef.tmp.json", ".lds.0123456789abcdef.tmp.json",
+                 ".config.0123456789abcdef.tmp.csv"):
+        (tmp_path / name).write_text("half")
+    for name in ("model.partial", "store.partial", "sub/model.partial"):
+        (tmp_path / name).mkdir(parents=True)
+
+    removed = remove_temporaries(tmp_path, names=("config.json", "model"))
+
+    assert [path.name for path in removed] == [".config.0123456789abcdef.tmp.json", "model.partial"]
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        ".config.0123456789abcdef.tmp.csv", ".lds.0123456789abcdef.tmp.json", "store.partial", "sub",
+        "sub/model.partial"]

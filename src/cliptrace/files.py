@@ -14,7 +14,7 @@ import os
 import shutil
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ _PARTIAL_DIRECTORY = ".partial"
 def _new_temporary(path: Path) -> Path:
     """Create an empty, unused hidden sibling of ``path`` (mode from the umask) and return its path."""
     while True:
-        temporary = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")
+        temporary = path.with_name(f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}")  # see _temporary_pattern
         try:
             os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
@@ -47,24 +47,41 @@ def _new_temporary(path: Path) -> Path:
         return temporary
 
 
-def remove_temporaries(directory: str | Path) -> list[Path]:
+def remove_temporaries(directory: str | Path, names: Collection[str] | None = None) -> list[Path]:
     """Remove what killed writers left under ``directory`` (atomic-write temporaries, ``.partial`` directories).
 
-    Call it only while holding the lock that keeps other writers out of ``directory``: a live writer's temporary
-    looks the same. Returns the removed paths.
+    With ``names``, only the leftovers of writes to those final names directly in ``directory`` go (for a
+    directory shared with other writers); without, every leftover in the whole tree. Call it only while holding
+    the lock that keeps the writers concerned out: a live writer's temporary looks the same. Returns the removed
+    paths.
     """
+    directory = Path(directory)
+    if names is None:
+        walk = os.walk(directory)
+        is_leftover = lambda name: bool(_TEMPORARY_FILE.match(name)) or name.endswith(_PARTIAL_DIRECTORY)  # noqa: E731
+    else:
+        top = next(os.walk(directory), (str(directory), [], []))
+        walk = iter([top])
+        wanted = {_temporary_pattern(Path(name)) for name in names}
+        partials = {name + _PARTIAL_DIRECTORY for name in names}
+        is_leftover = lambda name: name in partials or any(p.match(name) for p in wanted)  # noqa: E731
     removed = []
-    for root, folders, files in os.walk(directory):
+    for root, folders, files in walk:
         for name in files:
-            if _TEMPORARY_FILE.match(name):
+            if is_leftover(name) and not name.endswith(_PARTIAL_DIRECTORY):
                 (Path(root) / name).unlink(missing_ok=True)
                 removed.append(Path(root) / name)
         for name in list(folders):
-            if name.endswith(_PARTIAL_DIRECTORY):
+            if name.endswith(_PARTIAL_DIRECTORY) and is_leftover(name):
                 shutil.rmtree(Path(root) / name, ignore_errors=True)
                 removed.append(Path(root) / name)
                 folders.remove(name)
-    return removed
+    return sorted(removed)
+
+
+def _temporary_pattern(path: Path) -> re.Pattern[str]:
+    """How :func:`atomic_file` names the temporaries of ``path``."""
+    return re.compile(rf"^\.{re.escape(path.stem)}\.[0-9a-f]{{16}}\.tmp{re.escape(path.suffix)}$")
 
 
 @contextmanager

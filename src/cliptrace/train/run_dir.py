@@ -11,8 +11,6 @@ too (``trak/``, ``verify/``, ``report/``, ``test_metrics.json``), under their ow
 from __future__ import annotations
 
 import errno
-import re
-import shutil
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,11 +22,8 @@ from cliptrace.train.config import TrainConfig
 
 RUN_LOCK = "run.lock"
 CONFIG = "config.json"
-# What cliptrace.files.atomic_file names the temporaries of the files training writes at the top of a run directory
-# (".STEM.HEX16.tmp.SUFFIX"), and the .partial directory of the final model; under checkpoints/ everything is
-# training's.
-_OWN_TEMPORARY = re.compile(r"^\.(config|skipped|metrics|train|eval)\.[0-9a-f]{16}\.tmp\.(json|csv)$")
-_OWN_PARTIAL = "model.partial"
+# What training writes atomically at the top of a run directory; under checkpoints/ everything is training's.
+_OWN_OUTPUTS = ("config.json", "skipped.csv", "metrics.json", "train.csv", "eval.csv", "model")
 
 
 class RunBusyError(OSError):
@@ -82,14 +77,7 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
 def _remove_leftovers(run_dir: Path) -> list[Path]:
     """Remove what killed training runs left in ``run_dir`` (see the module docstring); return the removed paths."""
     removed = remove_temporaries(run_dir / "checkpoints") if (run_dir / "checkpoints").is_dir() else []
-    for path in sorted(run_dir.iterdir()):
-        if path.is_file() and _OWN_TEMPORARY.match(path.name):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-        elif path.is_dir() and path.name == _OWN_PARTIAL:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    return removed + remove_temporaries(run_dir, names=_OWN_OUTPUTS)
 
 
 def check_run_dir(config: TrainConfig, resume: bool) -> bool:
