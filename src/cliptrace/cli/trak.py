@@ -90,7 +90,7 @@ def featurize_command(
         ranks = launch(device, devices, num_nodes)
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype,
                              str(ranks.device) if ranks else device, features, layer_dim)
-        policy = BadSamplePolicy(on_bad_sample)
+        policy = BadSamplePolicy(on_bad_sample, progress=progress)
         train = ShardRecords(ShardIndex.scan(data, train_split), train_split) if stream else data
         result = featurize(run, train, store_dir=_store_dir(run, store), checkpoints=checkpoint or checkpoints,
                            train_split=train_split or None, settings=settings, progress=progress,
@@ -119,7 +119,7 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
 
     with reported_errors():
         ranks = launch(settings.device, devices, num_nodes)
-        policy = BadSamplePolicy(on_bad_sample)
+        policy = BadSamplePolicy(on_bad_sample, progress=progress)
         target_records = read_records(targets or data, target_split or None, policy)
         if target_ids:
             wanted = [item.strip() for item in target_ids.split(",") if item.strip()]

@@ -52,14 +52,16 @@ class BadSamplePolicy:
     Args:
         on_bad_sample: ``"fail"`` or ``"skip"``.
         loader: Opens the images checked; a new :class:`ImageLoader` when None.
+        progress: Show a progress bar while the images are checked (on a terminal only, on stderr).
 
     Attributes:
         on_bad_sample: The policy.
         skipped: Problems of the skipped samples, in the order found, each once.
     """
 
-    def __init__(self, on_bad_sample: str = "fail", loader: ImageLoader | None = None) -> None:
+    def __init__(self, on_bad_sample: str = "fail", loader: ImageLoader | None = None, progress: bool = True) -> None:
         self.on_bad_sample = check_policy(on_bad_sample)
+        self.progress = progress
         self.loader = loader if loader is not None else ImageLoader()
         self.skipped: list[DatasetError] = []
         self._rows: set[tuple[str, str, str]] = set()
@@ -108,7 +110,7 @@ class BadSamplePolicy:
         check = self.loader.load if self.skips else self.loader.verify
         kept = []
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=Console(stderr=True), transient=True) as progress:
+                      console=Console(stderr=True), transient=True, disable=not self.progress) as progress:
             for record in progress.track(records, description="decoding images" if self.skips else "checking images"):
                 error = self._image_problem(record.image, check)
                 if error is None:

@@ -112,7 +112,7 @@ def initial_model(config: TrainConfig) -> DualEncoder:
         index = ShardIndex.scan(config.data, config.train_split)
         seed_everything(config.seed, verbose=False)
         return _new_model(config, lambda: index.captions(config.train_split, STREAM_TOKENIZER_CAPTIONS))
-    policy = BadSamplePolicy(config.on_bad_sample)
+    policy = BadSamplePolicy(config.on_bad_sample, progress=config.progress)
     records = policy.load(config.data, format=config.data_format)
     train_records = policy.screen(select_split(records, config.train_split))
     seed_everything(config.seed, verbose=False)
@@ -211,7 +211,7 @@ def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) ->
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
 
     loader = ImageLoader()
-    policy = BadSamplePolicy(config.on_bad_sample, loader)
+    policy = BadSamplePolicy(config.on_bad_sample, loader, progress=config.progress)
     if config.stream:
         index = ShardIndex.scan(config.data, config.train_split)
         eval_records = select_split(index.held_out, config.eval_split) if config.eval_split else []
