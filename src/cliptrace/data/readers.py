@@ -816,6 +816,20 @@ def _check_options(reader: Callable[..., list[Record]], name: str, source: str, 
         raise DatasetError(source, None, f"the {name} reader takes no option {unknown}; it takes {accepted}")
 
 
+def dataset_path(path: str | Path, format: str = "auto") -> Path:
+    """The file or directory :func:`load_records` reads for ``path`` (a directory's ``captions.csv``, ...).
+
+    Raises:
+        DatasetError: ``format`` is ``auto`` and ``path`` does not exist, holds no dataset or several.
+    """
+    path = Path(path)
+    if format == "auto":
+        return _locate(path)[1]
+    if path.is_dir():
+        return next((target for found, target in _directory_datasets(path) if found == format), path)
+    return path
+
+
 def load_records(path: str | Path, format: str = "auto", **options: Any) -> list[Record]:
     """Read a dataset in any supported format.
 
@@ -829,9 +843,7 @@ def load_records(path: str | Path, format: str = "auto", **options: Any) -> list
         if format not in _READERS:
             raise DatasetError(str(path), None, f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
         _check_options(_READERS[format], format, str(path), options)
-        if path.is_dir():
-            path = next((target for found, target in _directory_datasets(path) if found == format), path)
-        return _READERS[format](path, **options)
+        return _READERS[format](dataset_path(path, format), **options)
     detected, target = _locate(path)
     if detected != "json":
         _check_options(_READERS[detected], detected, str(path), options)

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cliptrace.data import readers
+from cliptrace.data.readers import dataset_path
 from cliptrace.data.policy import check_policy
 from cliptrace.data.record import DatasetError
 from cliptrace.files import write_text_atomic
@@ -190,12 +190,8 @@ class TrainConfig:
 def _dataset_target(data: str, data_format: str) -> str:
     """The resolved path :func:`cliptrace.data.load_records` reads for ``data`` (``data`` itself when it cannot
     tell: loading the data then reports why)."""
-    path = Path(data)
     try:
-        if data_format == "auto":
-            _, path = readers._locate(path)
-        elif path.is_dir():
-            path = next((target for found, target in readers._directory_datasets(path) if found == data_format), path)
+        path = dataset_path(data, data_format)
     except DatasetError:
         path = Path(data)
     return str(path.resolve())
