@@ -143,8 +143,8 @@ def _busy(what: str, lock: Path) -> StoreBusyError:
                                        "wait for it to finish, or use another store directory")
 
 
-def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
-    """``(shape, dtype, offset of the data)`` of the C-ordered ``.npy`` file ``path``.
+def _npy_header(path: Path, c_order: bool = True) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, offset of the data)`` of the ``.npy`` file ``path`` (in C order unless not ``c_order``).
 
     Raises:
         ValueError: The file has no valid ``.npy`` header (the message does not name the file).
@@ -153,8 +153,8 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         major, _ = np.lib.format.read_magic(file)
         read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = read_header(file)
-        if fortran_order:
-            raise ValueError("the array is stored in Fortran order")
+        if fortran_order and c_order:
+            raise ValueError("the array is stored in Fortran order, rows are written in C order")
         return shape, dtype, file.tell()
 
 
@@ -168,11 +168,11 @@ class _Damage:
     size: int | None  # the length to extend the file to; None when it must be made anew
 
 
-def _inspect(path: Path, shape: tuple[int, ...], dtypes: Sequence[np.dtype]) -> _Damage | None:
+def _inspect(path: Path, shape: tuple[int, ...], dtypes: Sequence[np.dtype], c_order: bool = True) -> _Damage | None:
     """The damage of the ``.npy`` file ``path`` that should hold an array ``shape`` of one of ``dtypes``, if any."""
     everything = range(shape[0])
     try:
-        found_shape, found_dtype, offset = _npy_header(path)
+        found_shape, found_dtype, offset = _npy_header(path, c_order)
     except FileNotFoundError:
         return _Damage(path, "the file is missing", everything, None)
     except ValueError as error:
@@ -632,7 +632,8 @@ class FeatureStore:
         if not path.is_file():
             return None
         n, k = self.train_size, self.proj_dim
-        damage = _inspect(path, (k, k) if k <= n else (n, k), (np.dtype(np.float32), np.dtype(np.float64)))
+        damage = _inspect(path, (k, k) if k <= n else (n, k), (np.dtype(np.float32), np.dtype(np.float64)),
+                          c_order=False)
         matrix = np.load(path, mmap_mode="r") if damage is None else None
         if matrix is not None and np.isfinite(matrix).all():
             return matrix
