@@ -230,3 +230,12 @@ def test_a_damaged_store_held_by_another_writer_is_named_but_left_alone(tmp_path
     with pytest.raises(StoreDamagedError, match="are lost and marked as not featurized"):
         store.missing("a")  # the holder repairs it
     assert store.missing("a").size == 5
+
+
+def test_eval_accepts_a_training_run_like_explain_does(world, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["model"], run / "model")
+    _ok("eval", world["model"], world["data"], "--out", tmp_path / "model.json", "--no-progress")
+    _ok("eval", run, world["data"], "--out", tmp_path / "run.json", "--no-progress")
+    from_run = json.loads((tmp_path / "run.json").read_text())
+    assert from_run == json.loads((tmp_path / "model.json").read_text()) and from_run["n_images"] > 0
