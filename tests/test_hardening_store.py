@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from cliptrace.cli import app
@@ -239,3 +241,85 @@ def test_eval_accepts_a_training_run_like_explain_does(world, tmp_path) -> None:
     _ok("eval", run, world["data"], "--out", tmp_path / "run.json", "--no-progress")
     from_run = json.loads((tmp_path / "run.json").read_text())
     assert from_run == json.loads((tmp_path / "model.json").read_text()) and from_run["n_images"] > 0
+
+
+REPORT = dict(n_targets=2, top_k=2, methods=("decomposition",), checkpoints=None, proj_dim=16, bank_size=16,
+              batch_size=8, progress=False)
+
+
+@pytest.fixture
+def report_run(world, tmp_path) -> Path:
+    """A run folder holding only the final model (what a report needs besides the data)."""
+    run = tmp_path / "run"
+    shutil.copytree(world["model"], run / "model")
+    return run
+
+
+def _held_out_metrics(world, data: Path) -> dict:
+    """The model's metrics on the test split of ``data``, computed here."""
+    from cliptrace.data.images import ImageLoader
+    from cliptrace.evaluate import evaluate
+    from cliptrace.models import load_model
+
+    with torch.no_grad():
+        return evaluate(load_model(world["model"]).eval(), select_split(load_records(data), "test"), ImageLoader())
+
+
+def test_report_on_other_data_shows_that_datas_metrics(world, report_run, tmp_path) -> None:
+    from cliptrace.report import build_report
+
+    other = generate_shapes_world(tmp_path / "other", n_images=40, image_size=32, seed=1)
+    first = build_report(report_run, world["data"], **REPORT)
+    assert first.metrics == _held_out_metrics(world, world["data"])
+    second = build_report(report_run, other, **REPORT)
+    expected = _held_out_metrics(world, other)
+    assert second.metrics == expected != first.metrics
+    assert f"{expected['i2t_R@1']:.4g}" in second.index.read_text()
+    cached = json.loads((report_run / "test_metrics.json").read_text())
+    assert {key: value for key, value in cached.items() if key != "cache_key"} == expected
+    # The cache of the same inputs is used as it is: a marked value shows it was not recomputed.
+    (report_run / "test_metrics.json").write_text(json.dumps({**cached, "n_images": -1}))
+    assert build_report(report_run, other, **REPORT).metrics["n_images"] == -1
+
+
+def test_an_unreadable_metrics_cache_is_computed_again_saying_so(world, report_run) -> None:
+    from cliptrace.report import build_report
+
+    path = report_run / "test_metrics.json"
+    path.write_text('{"i2t_R@1": 1')
+    with pytest.warns(UserWarning, match=f"{path}: not valid JSON .*; computing the metrics again"):
+        summary = build_report(report_run, world["data"], **REPORT)
+    assert summary.metrics == _held_out_metrics(world, world["data"])
+    assert json.loads(path.read_text())["cache_key"]["split"] == "test"
+
+
+def test_a_failed_metrics_write_leaves_the_previous_cache_whole(world, report_run, monkeypatch) -> None:
+    from cliptrace.report import build_report
+
+    path = report_run / "test_metrics.json"
+    old = json.dumps({"n_images": 3, "cache_key": {"data": "other"}})
+    path.write_text(old)
+    write_text = Path.write_text
+
+    def full_disk(self: Path, text: str, *args, **kwargs) -> int:
+        if "test_metrics" in self.name:
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build_report(report_run, world["data"], **REPORT)
+    monkeypatch.undo()
+    assert path.read_text() == old
+    assert [p.name for p in report_run.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("content", ['{"results": ', '{"models": 4, "results": {"trak": {"lds": "high"}}}', "[]"])
+def test_a_broken_lds_json_is_named_before_the_report_is_computed(world, report_run, content) -> None:
+    path = report_run / "verify" / "lds.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    message = _error("report", report_run, "--data", world["data"], "--no-progress")
+    assert message.startswith(f"error: {path}: ")
+    assert not (report_run / "report").exists()
