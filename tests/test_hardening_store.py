@@ -132,8 +132,8 @@ def test_a_replaced_features_file_is_made_anew_and_every_row_recomputed(world, t
     _assert_clean_scores(world, store, tmp_path / "out")
 
 
-def test_before_the_fix_a_truncated_store_was_reported_complete(world, tmp_path) -> None:
-    """The issue's case: featurize said "features of N records" for a truncated features.npy."""
+def test_featurize_does_not_report_a_truncated_store_complete(world, tmp_path) -> None:
+    """It used to say "features of N training records" for a truncated features.npy, and exit 0."""
     store = _store_copy(world, tmp_path)
     _cut(store / "checkpoints" / CHECKPOINT / "features.npy", keep=0.5)
     code, output = _invoke("trak", "featurize", world["model"], world["data"], "--store", store, *OPTIONS)
