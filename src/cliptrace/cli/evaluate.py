@@ -24,7 +24,7 @@ SHAPES_WORLD_META = "shapes_world.json"
 
 
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Model directory (as saved by cliptrace train).")],
+    model: Annotated[Path, typer.Argument(help="Model directory, or a training run (its final model/).")],
     data: Annotated[
         Path, typer.Argument(help="Dataset: CSV/TSV, JSONL, COCO or Karpathy JSON, .tar shards, or a folder.")
     ],
@@ -77,7 +77,7 @@ def eval_command(
 
 
 def retrieve_command(
-    model: Annotated[Path, typer.Argument(help="Model directory (as saved by cliptrace train).")],
+    model: Annotated[Path, typer.Argument(help="Model directory, or a training run (its final model/).")],
     data: Annotated[Path, typer.Argument(help="Dataset whose images (or captions) are searched.")],
     text: Annotated[Optional[str], typer.Option(help="Caption to query: find the closest images.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image to query: find the closest captions.")] = None,
@@ -145,10 +145,11 @@ def _records(data: Path, data_format: str, split: str | None, policy: BadSampleP
 
 
 def _model(directory: Path, device: str) -> DualEncoder:
-    """The model saved in ``directory``, moved to ``device``."""
+    """The model saved in ``directory`` (or the final ``model/`` of a training run), moved to ``device``."""
+    from cliptrace.cli.explain import _model_directory
     from cliptrace.models import load_model
 
-    return load_model(directory).to(device)
+    return load_model(_model_directory(directory)).to(device)
 
 
 def _shapes_world_classes(data: Path) -> list[str] | None:

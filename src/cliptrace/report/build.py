@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,15 @@ from cliptrace.data.shapes import PLANTED
 from cliptrace.evaluate import evaluate
 from cliptrace.explain import explain, make_method
 from cliptrace.explain.plot import method_grid, save_figure
+from cliptrace.files import write_json_atomic
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
-from cliptrace.trak.attribute import Attribution, attribute
+from cliptrace.trak.attribute import Attribution, attribute, data_fingerprint
+from cliptrace.trak.gradients import parameter_fingerprint
 
 TARGETS_PER_PAGE = 100
+METRICS_CACHE = "test_metrics.json"
+CACHE_KEY = "cache_key"
 THUMBNAIL_SIZE = 128
 
 
@@ -128,6 +133,7 @@ def build_report(
     if not train:
         raise ValueError(f"{data}: no records in split 'train'")
     model = load_model(run_dir / "model").eval()
+    lds = _read_lds(run_dir / "verify" / "lds.json")  # before the long computations: a broken file fails now
     metrics, eval_split = _metrics(run_dir, model, records)
     if targets is None:
         targets = planted_targets(data, train) + _draw(select_split(records, target_split), n_targets, seed)
@@ -145,7 +151,8 @@ def build_report(
     pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(plan))
     split_counts = {split: len(select_split(records, split)) for split in ("train", "val", "test")}
     pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim,
-                top_k, _training_curve(run_dir, partial / "assets" / "training.png"), _verification(run_dir, partial))
+                top_k, _training_curve(run_dir, partial / "assets" / "training.png"),
+                _verification(run_dir, lds, partial))
     pages.target_lists(attribution)
     for number in track(range(len(attribution.targets)), description="Report pages", disable=not progress):
         pages.target(number, model, attribution, methods)
@@ -261,21 +268,50 @@ def _run_data(run_dir: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """The JSON object in ``path`` (None when there is no such file).
+
+    Raises:
+        ValueError: Naming ``path``, when it does not hold a valid UTF-8 JSON object.
+    """
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # also not UTF-8, nested too deeply
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _metrics_key(model: DualEncoder, held_out: list[Record], split: str) -> dict[str, str]:
+    """What held-out metrics depend on: the held-out records (ids, images, captions), their split, the weights."""
+    names = [name for name, _ in model.named_parameters()]
+    return {"data": data_fingerprint(held_out), "split": split, "model": parameter_fingerprint(model, names)}
 
 
 def _metrics(run_dir: Path, model: DualEncoder, records: list[Record]) -> tuple[dict, str]:
-    """The run's held-out metrics: ``test_metrics.json`` if the run has it, else evaluated now (and saved)."""
-    saved = _read_json(run_dir / "test_metrics.json")
-    if saved is not None:
-        return saved, "test"
+    """The model's metrics on the held-out split of ``records`` and that split's name.
+
+    ``RUN/test_metrics.json`` caches them with the :func:`_metrics_key` of what they were computed from (under
+    ``cache_key``); a cache of other data or weights, or an unreadable one (with a warning), is computed again and
+    replaced atomically.
+    """
     split = "test" if select_split(records, "test") else "val"
     held_out = select_split(records, split)
     if not held_out:
         return {}, split
+    path, key = run_dir / METRICS_CACHE, _metrics_key(model, held_out, split)
+    try:
+        saved = _read_json(path)
+    except ValueError as error:
+        warnings.warn(f"{error}; computing the metrics again", stacklevel=2)
+        saved = None
+    if saved is not None and saved.get(CACHE_KEY) == key:
+        return {name: value for name, value in saved.items() if name != CACHE_KEY}, split
     with torch.no_grad():
         metrics = evaluate(model, held_out, ImageLoader())
-    (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, {**metrics, CACHE_KEY: key}, sort_keys=False)
     return metrics, split
 
 
@@ -312,17 +348,34 @@ def _training_curve(run_dir: Path, path: Path) -> Path | None:
     return path
 
 
-def _verification(run_dir: Path, folder: Path) -> dict | None:
-    """The results of ``cliptrace verify`` in ``RUN/verify`` (LDS table, removal plot), when it was run."""
-    directory = run_dir / "verify"
-    lds = _read_json(directory / "lds.json")
-    plot = directory / "removal.png"
+def _verification(run_dir: Path, lds: dict | None, folder: Path) -> dict | None:
+    """The results of ``cliptrace verify`` in ``RUN/verify`` (its ``lds``, the removal plot), when it was run."""
+    plot = run_dir / "verify" / "removal.png"
     if lds is None and not plot.is_file():
         return None
     if plot.is_file():
         (folder / "assets").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, folder / "assets" / "removal.png")
     return {"lds": lds, "removal": "assets/removal.png" if plot.is_file() else None}
+
+
+def _read_lds(path: Path) -> dict | None:
+    """The results ``cliptrace verify lds`` wrote to ``path`` (None when there are none).
+
+    Raises:
+        ValueError: Naming ``path``, when it is not the JSON object that command writes.
+    """
+    lds = _read_json(path)
+    if lds is None:
+        return None
+    results = lds.get("results")
+    if not isinstance(results, dict) or not all(
+        isinstance(row, dict) and all(isinstance(row.get(name), (int, float)) for name in ("lds", "low", "high"))
+        for row in results.values()
+    ):
+        raise ValueError(f"{path}: expected the JSON object 'cliptrace verify lds' writes, with 'results' mapping "
+                         "each method to its lds, low and high; run it again or remove the file")
+    return lds
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -14,7 +14,7 @@ import json
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
 from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
-from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError, StoreMismatchError
+from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError, StoreDamagedError, StoreMismatchError
 
 ModelSource = DualEncoder | str | Path
 
@@ -305,6 +305,18 @@ def _load_checkpoint(
     return _Checkpoint(checkpoint_id, model, featurizer)
 
 
+@contextmanager
+def _naming_records(records: Sequence[Record]) -> Iterator[None]:
+    """Add the record ids of the rows a :class:`StoreDamagedError` lost to its message (row i is ``records[i]``)."""
+    try:
+        yield
+    except StoreDamagedError as error:
+        if not error.rows:
+            raise
+        ids = ", ".join(records[row].id for row in error.rows[:5]) + (", ..." if len(error.rows) > 5 else "")
+        raise StoreDamagedError(f"{error} (record ids {ids})", error.rows) from None
+
+
 def _store(directory: Path, train_size: int, train_digest: str, featurizer: Featurizer,
            settings: AttributionSettings, checkpoint_id: str) -> FeatureStore:
     """The feature store of the training set (``train_digest``: its :func:`data_fingerprint`), refusing one made
@@ -338,7 +350,8 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: Seque
     rows = store.claim(checkpoint.id, shard_of(ranks), align=settings.batch_size)
     try:
         batches = RecordBatches(checkpoint.model, records, loader, settings.batch_size)
-        missing = store.missing(checkpoint.id, rows)
+        with _naming_records(records):
+            missing = store.missing(checkpoint.id, rows)
         batch_starts = np.flatnonzero(np.diff(missing // settings.batch_size)) + 1
         chunks = [block.tolist() for block in np.split(missing, batch_starts) if block.size]
         for chunk in track(chunks, description=description, disable=not progress or not chunks):
@@ -358,8 +371,12 @@ def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: S
     """Featurize the training set under ``checkpoint`` and solve its kernel (on rank 0 of a distributed job)."""
     _featurize_rows(store, checkpoint, train, range(len(train)), loader, settings, f"Featurizing {checkpoint.id}",
                     progress, ranks)
-    if is_main(ranks) and store.kernel(checkpoint.id) is None:
-        solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
+    if is_main(ranks):
+        with _naming_records(train):
+            if store.kernel(checkpoint.id) is None:
+                solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
+            else:
+                store.features(checkpoint.id)  # every stored row is still finite
     barrier(ranks)
 
 
@@ -484,12 +501,14 @@ def attribute(
                         f"Targets under {checkpoint_id}", progress, ranks)
         if not is_main(ranks):
             continue
-        features, q = store.features(checkpoint_id)
+        with _naming_records(train_records):
+            features, q = store.features(checkpoint_id)
         train_features.append(features)
         loss_weights.append(q)
         kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
                        else identity_kernel(features, settings.torch_dtype))
-        target_features.append(targets_store.features(checkpoint_id)[0])
+        with _naming_records(target_records):
+            target_features.append(targets_store.features(checkpoint_id)[0])
     if not is_main(ranks):
         return None
     scorer = EnsembleScorer(kernels, train_features, loss_weights)

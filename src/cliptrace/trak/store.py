@@ -20,6 +20,13 @@ or featurizing a checkpoint id with other weights than it was started with, rais
 crash (or a full disk) loses at most the batch in flight: :meth:`FeatureStore.missing` lists exactly the rows still
 to compute.
 
+Files damaged behind the store's back are found when they are read: every ``.npy`` header must give the shape and
+dtype the store expects and the file must be as long as its header says (checked whenever the mask is read), and
+the rows :meth:`FeatureStore.features` and the matrix :meth:`FeatureStore.kernel` return must be finite. A damaged
+row file is repaired by marking the rows it lost (or all of them) as not featurized and restoring the file's
+layout, a damaged kernel by removing it; then :class:`StoreDamagedError` names the file, so rerunning the command
+that featurized the checkpoint recomputes exactly the lost rows and solves the kernel again.
+
 Version history: 1 stored the n × k kernel weights W in ``kernel_weights.npy``; 2 stores ``kernel.npy``.
 """
 
@@ -38,7 +45,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from cliptrace.files import save_npy_atomic, write_json_atomic
+from cliptrace.files import create_npy_atomic, save_npy_atomic, write_json_atomic
 from cliptrace.locks import FileLock, holder_note
 
 STORE_FORMAT = "cliptrace.trak.feature_store"
@@ -93,6 +100,18 @@ class NonFiniteFeaturesError(ValueError):
         self.rows = rows
 
 
+class StoreDamagedError(ValueError):
+    """A file of a feature store is missing, truncated, of another shape or dtype, or holds NaN or infinite values.
+
+    ``rows`` holds the indices whose features were lost: they are marked as not featurized (so rerunning the
+    command that featurized them recomputes exactly those rows); it is empty when only the kernel was damaged.
+    """
+
+    def __init__(self, message: str, rows: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.rows = [int(row) for row in rows]
+
+
 class StoreBusyError(OSError):
     """Another process is writing the same rows of a feature store (or finalizing the checkpoint)."""
 
@@ -124,6 +143,68 @@ def _busy(what: str, lock: Path) -> StoreBusyError:
                                        "wait for it to finish, or use another store directory")
 
 
+def _npy_header(path: Path, c_order: bool = True) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, offset of the data)`` of the ``.npy`` file ``path`` (in C order unless not ``c_order``).
+
+    Raises:
+        ValueError: The file has no valid ``.npy`` header (the message does not name the file).
+    """
+    with open(path, "rb") as file:
+        major, _ = np.lib.format.read_magic(file)
+        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(file)
+        if fortran_order and c_order:
+            raise ValueError("the array is stored in Fortran order, rows are written in C order")
+        return shape, dtype, file.tell()
+
+
+@dataclass(frozen=True)
+class _Damage:
+    """What is wrong with one ``.npy`` file of a checkpoint, and how to repair it."""
+
+    path: Path
+    problem: str
+    lost: range  # the rows whose values are gone
+    size: int | None  # the length to extend the file to; None when it must be made anew
+
+
+def _inspect(path: Path, shape: tuple[int, ...], dtypes: Sequence[np.dtype], c_order: bool = True) -> _Damage | None:
+    """The damage of the ``.npy`` file ``path`` that should hold an array ``shape`` of one of ``dtypes``, if any."""
+    everything = range(shape[0])
+    try:
+        found_shape, found_dtype, offset = _npy_header(path, c_order)
+    except FileNotFoundError:
+        return _Damage(path, "the file is missing", everything, None)
+    except ValueError as error:
+        return _Damage(path, f"not a .npy array ({error})", everything, None)
+    if found_shape != shape or found_dtype not in dtypes:
+        return _Damage(path, f"holds a {found_dtype} array of shape {found_shape}, the store expects "
+                             f"{' or '.join(map(str, dtypes))} of shape {shape}", everything, None)
+    row_bytes = found_dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    size, expected = path.stat().st_size, offset + row_bytes * shape[0]
+    if size >= expected:
+        return None
+    first_lost = (size - offset) // row_bytes if row_bytes else 0
+    return _Damage(path, f"truncated: {size} bytes, its header needs {expected}", range(first_lost, shape[0]),
+                   expected)
+
+
+def _describe_rows(rows: Sequence[int], total: int) -> str:
+    """``"3 of 40 rows (index 3, 5, 9)"``, at most five indices shown."""
+    shown = ", ".join(str(int(row)) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    return f"{len(rows)} of {total} rows (index {shown})"
+
+
+def _non_finite_rows(features: np.ndarray, loss_weights: np.ndarray, block_bytes: int = 1 << 26) -> np.ndarray:
+    """Sorted indices of the rows whose features or loss weight are NaN or infinite, read in blocks."""
+    step = max(1, block_bytes // max(1, features.itemsize * features.shape[1]))
+    bad = [start + np.flatnonzero(~(np.isfinite(features[start : start + step]).all(axis=1)
+                                    & np.isfinite(loss_weights[start : start + step])))
+           for start in range(0, features.shape[0], step)]
+    release_pages(features)
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
 def _write_rows(path: Path, indices: np.ndarray, rows: np.ndarray) -> None:
     """Write ``rows[j]`` into row ``indices[j]`` of the ``.npy`` file ``path`` in place, then flush it to disk.
 
@@ -131,11 +212,9 @@ def _write_rows(path: Path, indices: np.ndarray, rows: np.ndarray) -> None:
     with SIGBUS), and processes on other hosts of a shared filesystem only ever touch their own bytes.
     """
     try:
+        shape, dtype, offset = _npy_header(path)
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         with open(path, "r+b") as file:
-            major, _ = np.lib.format.read_magic(file)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(file)
-            offset, row_bytes = file.tell(), dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
             order = np.argsort(indices, kind="stable")
             ordered = indices[order]
             breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
@@ -151,6 +230,8 @@ def _write_rows(path: Path, indices: np.ndarray, rows: np.ndarray) -> None:
     except OSError as error:
         raise type(error)(error.errno, f"{path}: {error.strerror} while writing {indices.size} rows; they are not "
                                        "marked as done, so rerunning the same command resumes here") from None
+    except ValueError as error:
+        raise StoreDamagedError(f"{path}: not a .npy array ({error})") from None
 
 
 @dataclass
@@ -299,9 +380,7 @@ class FeatureStore:
                 raise ValueError(f"invalid checkpoint id {checkpoint!r}")
             folder = self.directory / "checkpoints" / checkpoint
             folder.mkdir(parents=True, exist_ok=True)
-            for name, dtype, shape in (("features.npy", self.dtype, (self.train_size, self.proj_dim)),
-                                       ("loss_weights.npy", self.dtype, (self.train_size,)),
-                                       ("featurized.npy", np.bool_, (self.train_size,))):
+            for name, (shape, dtype) in self._row_files().items():
                 open_memmap(folder / name, "w+", dtype, shape).flush()  # sparse: no disk used before rows arrive
             self._manifest["checkpoints"][checkpoint] = {"fingerprint": fingerprint}
             write_json_atomic(self.directory / MANIFEST, self._manifest, sort_keys=False)
@@ -354,8 +433,86 @@ class FeatureStore:
             for lock in claim.locks if claim is not None else ():
                 lock.release()
 
+    # -- checking what is read -------------------------------------------------------------------------------
+
+    def _row_files(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of each per-row file of a checkpoint."""
+        n = self.train_size
+        return {"features.npy": ((n, self.proj_dim), self.dtype), "loss_weights.npy": ((n,), self.dtype),
+                "featurized.npy": ((n,), np.dtype(np.bool_))}
+
+    @contextmanager
+    def _repairing(self, checkpoint: str, damage: str, rows: Sequence[int]) -> Iterator[None]:
+        """Hold the whole ``checkpoint`` for the block (claiming it unless this instance holds it already).
+
+        Raises:
+            StoreDamagedError: Naming ``damage``, when the checkpoint cannot be held to repair it.
+        """
+        held = self._claims.get(checkpoint)
+        if held is not None and held.shard is not None:
+            raise StoreDamagedError(f"{damage}; repairing it needs the whole checkpoint: rerun the command in one "
+                                    "process", rows)
+        if held is None:
+            try:
+                self.claim(checkpoint)
+            except StoreBusyError as error:
+                raise StoreDamagedError(f"{damage}; it is not repaired, as {error}", rows) from None
+        try:
+            yield
+        finally:
+            if held is None:
+                self.release(checkpoint)
+
+    def _unmark(self, folder: Path, rows: np.ndarray) -> None:
+        """Remove the kernel solved from ``folder``'s rows, then mark ``rows`` as not featurized."""
+        (folder / "kernel.npy").unlink(missing_ok=True)
+        _write_rows(folder / "featurized.npy", rows, np.zeros(rows.size, dtype=np.bool_))
+
+    def _restore(self, damage: _Damage) -> None:
+        """Give a damaged row file its layout back: extended with zeros past a cut, or made anew (all zeros)."""
+        shape, dtype = self._row_files()[damage.path.name]
+        if damage.size is not None:
+            os.truncate(damage.path, damage.size)
+            return
+        with create_npy_atomic(damage.path, dtype, shape):
+            pass  # a sparse file of zeros (for the mask: nothing featurized)
+
+    def _check_files(self, checkpoint: str) -> None:
+        """Check the layout of the checkpoint's row files; repair damaged ones (see the module notes).
+
+        Raises:
+            StoreDamagedError: A file was damaged (and is now repaired, its lost rows marked as not featurized).
+        """
+        folder = self._dir(checkpoint)
+        damages = [damage for name, (shape, dtype) in self._row_files().items()
+                   if (damage := _inspect(folder / name, shape, (dtype,))) is not None]
+        if not damages:
+            return
+        lost = np.array(sorted(set().union(*(damage.lost for damage in damages))), dtype=np.int64)
+        first = damages[0]
+        message = f"{first.path}: {first.problem}" + "".join(f"; {damage.path.name}: {damage.problem}"
+                                                             for damage in damages[1:])
+        with self._repairing(checkpoint, message, lost):
+            # The mask first, so that a crash while repairing never leaves a row marked whose values are gone.
+            (folder / "kernel.npy").unlink(missing_ok=True)
+            mask = [damage for damage in damages if damage.path.name == "featurized.npy"]
+            for damage in mask:
+                self._restore(damage)
+            self._unmark(folder, lost)
+            for damage in damages:
+                if damage not in mask:
+                    self._restore(damage)
+        raise StoreDamagedError(f"{message}; {_describe_rows(lost, self.train_size)} are lost and marked as not "
+                                "featurized: rerun the same command to recompute them", lost)
+
     def featurized(self, checkpoint: str) -> np.ndarray:
-        """(n,) bool: which training examples have features for ``checkpoint``."""
+        """(n,) bool: which training examples have features for ``checkpoint``.
+
+        Raises:
+            StoreDamagedError: A file of the checkpoint was damaged; its lost rows are now marked as not
+                featurized (see the module notes).
+        """
+        self._check_files(checkpoint)
         return np.array(np.load(self._dir(checkpoint) / "featurized.npy", mmap_mode="r"))
 
     def missing(self, checkpoint: str, rows: range | None = None) -> np.ndarray:
@@ -426,9 +583,24 @@ class FeatureStore:
         return folder
 
     def features(self, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(features (n, k), loss weights (n,))`` of a fully featurized checkpoint (read-only memory maps)."""
+        """``(features (n, k), loss weights (n,))`` of a fully featurized checkpoint (read-only memory maps).
+
+        Raises:
+            StoreDamagedError: A file is damaged, or some rows are NaN or infinite; those rows are now marked as
+                not featurized (see the module notes).
+        """
         folder = self._require_complete(checkpoint)
-        return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "loss_weights.npy", mmap_mode="r")
+        features = np.load(folder / "features.npy", mmap_mode="r")
+        loss_weights = np.load(folder / "loss_weights.npy", mmap_mode="r")
+        bad = _non_finite_rows(features, loss_weights)
+        if bad.size:
+            name = "features.npy" if not np.isfinite(features[bad]).all() else "loss_weights.npy"
+            message = f"{folder / name}: {_describe_rows(bad, self.train_size)} are NaN or infinite"
+            with self._repairing(checkpoint, message, bad):
+                self._unmark(folder, bad)
+            raise StoreDamagedError(f"{message}; they are marked as not featurized: rerun the same command to "
+                                    "recompute them", bad)
+        return features, loss_weights
 
     def save_kernel(self, checkpoint: str, matrix: np.ndarray) -> None:
         """Store the solved kernel matrix of a fully featurized checkpoint (atomically).
@@ -451,7 +623,22 @@ class FeatureStore:
                 self.release(checkpoint)
 
     def kernel(self, checkpoint: str) -> np.ndarray | None:
-        """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved."""
+        """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved.
+
+        Raises:
+            StoreDamagedError: The kernel file is damaged or not finite; it is now removed, to be solved again.
+        """
         path = self._dir(checkpoint) / "kernel.npy"
-        return np.load(path, mmap_mode="r") if path.is_file() else None
+        if not path.is_file():
+            return None
+        n, k = self.train_size, self.proj_dim
+        damage = _inspect(path, (k, k) if k <= n else (n, k), (np.dtype(np.float32), np.dtype(np.float64)),
+                          c_order=False)
+        matrix = np.load(path, mmap_mode="r") if damage is None else None
+        if matrix is not None and np.isfinite(matrix).all():
+            return matrix
+        message = f"{path}: {damage.problem if damage is not None else 'holds NaN or infinite values'}"
+        with self._repairing(checkpoint, message, ()):
+            path.unlink(missing_ok=True)
+        raise StoreDamagedError(f"{message}; it is removed: rerun the same command to solve it again")
 
