@@ -33,12 +33,12 @@ def demo_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Shapes world (with planted items) → tiny CLIP → evaluation → TRAK → input attributions → report."""
-    from cliptrace.data.images import ImageLoader
-    from cliptrace.data.readers import load_records, select_split
-    from cliptrace.data.shapes import class_names, generate_shapes_world
-    from cliptrace.evaluate import evaluate, format_metrics_table
+    from cliptrace.data.readers import load_records
+    from cliptrace.data.shapes import generate_shapes_world
+    from cliptrace.evaluate import format_metrics_table
     from cliptrace.models import load_model
     from cliptrace.report import build_report
+    from cliptrace.report.build import held_out_metrics
     from cliptrace.train import train
 
     if out.exists():
@@ -62,9 +62,7 @@ def demo_command(
                              save_every=save_every, progress=progress)
         result = train(config)
         console.print(f"[bold]3/{STEPS}[/bold] evaluating on the held-out test split")
-        test_records = select_split(load_records(dataset), "test")
-        metrics = evaluate(load_model(result.model_dir), test_records, ImageLoader(), classnames=class_names())
-        (result.run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        metrics, _ = held_out_metrics(result.run_dir, load_model(result.model_dir).eval(), load_records(dataset))
         console.print(format_metrics_table(metrics, title="Held-out test split"))
         console.print(f"[bold]4/{STEPS}[/bold] TRAK attribution of {n_targets} test images and the originals of the "
                       "planted duplicates, input heatmaps, report")

@@ -146,10 +146,10 @@ def _records(data: Path, data_format: str, split: str | None, policy: BadSampleP
 
 def _model(directory: Path, device: str) -> DualEncoder:
     """The model saved in ``directory`` (or the final ``model/`` of a training run), moved to ``device``."""
-    from cliptrace.cli.explain import _model_directory
     from cliptrace.models import load_model
+    from cliptrace.models.directory import model_directory_of
 
-    return load_model(_model_directory(directory)).to(device)
+    return load_model(model_directory_of(directory)).to(device)
 
 
 def _shapes_world_classes(data: Path) -> list[str] | None:

@@ -19,11 +19,6 @@ console = Console()
 DEFAULT_METHODS = "decomposition,gradient_x_input,integrated_gradients,occlusion,attention_rollout,chefer,gradcam"
 
 
-def _model_directory(path: Path) -> Path:
-    """A model directory, or the final ``model/`` of a training run."""
-    return path / "model" if (path / "model").is_dir() and not (path / "cliptrace_model.json").is_file() else path
-
-
 def _names(methods: str) -> list[str]:
     from cliptrace.explain import method_names
 
@@ -78,6 +73,7 @@ def explain_command(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     from cliptrace.explain import method_names
+    from cliptrace.models.directory import model_directory_of
 
     if list_methods:
         console.print("\n".join(method_names()))
@@ -85,11 +81,11 @@ def explain_command(
     with reported_errors():
         names = _names(method)
         if data is not None:
-            _batch(_model_directory(model), data, split, limit, names, out, steps, seed, progress)
+            _batch(model_directory_of(model), data, split, limit, names, out, steps, seed, progress)
             return
         if image is None:
             raise ValueError("give --image (and --text or --class), or --data for batch mode")
-        _single(_model_directory(model), image, text, target_class, _lines(classes, None), _lines(None, contrast),
+        _single(model_directory_of(model), image, text, target_class, _lines(classes, None), _lines(None, contrast),
                 names, out)
 
 

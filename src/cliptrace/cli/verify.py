@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.files import write_json_atomic
 
 console = Console()
 verify_app = typer.Typer(no_args_is_help=True)
@@ -78,8 +78,8 @@ def lds_command(
     summary = {name: {"lds": result.mean, "low": result.low, "high": result.high,
                       "per_target": [float(value) for value in result.per_target]}
                for name, result in results.items()}
-    (directory / "lds.json").write_text(json.dumps({"models": models, "alpha": alpha, "output": output,
-                                                    "results": summary}, indent=1) + "\n")
+    write_json_atomic(directory / "lds.json", {"models": models, "alpha": alpha, "output": output,
+                                               "results": summary})
     console.print(f"written: {directory / 'lds.json'}")
 
 

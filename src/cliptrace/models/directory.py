@@ -122,6 +122,12 @@ def load_model(directory: str | Path, **kwargs: Any) -> DualEncoder:
     return loaders[manifest["adapter"]](directory, **kwargs)
 
 
+def model_directory_of(path: str | Path) -> Path:
+    """``path`` when it is a model directory; the final ``model/`` when it is a training run."""
+    path = Path(path)
+    return path / "model" if (path / "model").is_dir() and not (path / MANIFEST_NAME).is_file() else path
+
+
 def require_directory(directory: str | Path) -> Path:
     """Return ``directory`` as a Path, or raise ``FileNotFoundError`` naming it when it is not a directory."""
     directory = Path(directory)

@@ -134,7 +134,7 @@ def build_report(
         raise ValueError(f"{data}: no records in split 'train'")
     model = load_model(run_dir / "model").eval()
     lds = _read_lds(run_dir / "verify" / "lds.json")  # before the long computations: a broken file fails now
-    metrics, eval_split = _metrics(run_dir, model, records)
+    metrics, eval_split = held_out_metrics(run_dir, model, records)
     if targets is None:
         targets = planted_targets(data, train) + _draw(select_split(records, target_split), n_targets, seed)
     if not targets:
@@ -290,7 +290,7 @@ def _metrics_key(model: DualEncoder, held_out: list[Record], split: str) -> dict
     return {"data": data_fingerprint(held_out), "split": split, "model": parameter_fingerprint(model, names)}
 
 
-def _metrics(run_dir: Path, model: DualEncoder, records: list[Record]) -> tuple[dict, str]:
+def held_out_metrics(run_dir: Path, model: DualEncoder, records: list[Record]) -> tuple[dict, str]:
     """The model's metrics on the held-out split of ``records`` and that split's name.
 
     ``RUN/test_metrics.json`` caches them with the :func:`_metrics_key` of what they were computed from (under
