@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -14,23 +13,6 @@ from cliptrace.cli.errors import reported_errors
 from cliptrace.train.config import TrainConfig
 
 console = Console()
-
-
-def _show_run_warnings() -> None:
-    """Print every :class:`RunWarning` as one ``warning: ...`` line on stderr (others as Python shows them); call it
-    inside ``warnings.catch_warnings()``, which restores the hook."""
-    from cliptrace.train.run_dir import RunWarning
-
-    python_way = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings' hook
-        if issubclass(category, RunWarning):
-            typer.echo(f"warning: {message}", err=True)
-        else:
-            python_way(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    warnings.simplefilter("always", RunWarning)
 
 
 def train_command(
@@ -72,8 +54,7 @@ def train_command(
     """Train a CLIP model and print where the run was saved."""
     from cliptrace.train import train
 
-    with reported_errors(), warnings.catch_warnings():
-        _show_run_warnings()
+    with reported_errors():
         config = TrainConfig(
             data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
             image_size=image_size, vocab_size=vocab_size, data_format=data_format, train_split=train_split,

@@ -19,6 +19,7 @@ from typing import Any
 
 from cliptrace.data.transforms import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageTransform
 from cliptrace.models.base import DualEncoder
+from cliptrace.notices import CliptraceWarning
 
 MANIFEST_NAME = "cliptrace_model.json"
 FORMAT_VERSION = 1
@@ -159,7 +160,8 @@ def read_preprocessor_config(directory: str | Path) -> ImageTransform | None:
     if size is None:
         raise ValueError(f"{path}: neither key 'crop_size' nor key 'size' gives an image size")
     if crop and resize and crop != resize:
-        warnings.warn(f"{path}: resize {resize} then crop {crop} is approximated by resizing to {crop}", stacklevel=2)
+        warnings.warn(f"{path}: resize {resize} then crop {crop} is approximated by resizing to {crop}",
+                      CliptraceWarning, stacklevel=2)
     mean = tuple(float(v) for v in data.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(v) for v in data.get("image_std", OPENAI_CLIP_STD))
     if len(mean) != 3 or len(std) != 3:

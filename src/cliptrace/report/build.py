@@ -35,6 +35,7 @@ from cliptrace.explain.plot import method_grid, save_figure
 from cliptrace.files import write_json_atomic
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
+from cliptrace.notices import CliptraceWarning
 from cliptrace.trak.attribute import Attribution, attribute, data_fingerprint
 from cliptrace.trak.gradients import parameter_fingerprint
 
@@ -305,7 +306,7 @@ def held_out_metrics(run_dir: Path, model: DualEncoder, records: list[Record]) -
     try:
         saved = _read_json(path)
     except ValueError as error:
-        warnings.warn(f"{error}; computing the metrics again", stacklevel=2)
+        warnings.warn(f"{error}; computing the metrics again", CliptraceWarning, stacklevel=2)
         saved = None
     if saved is not None and saved.get(CACHE_KEY) == key:
         return {name: value for name, value in saved.items() if name != CACHE_KEY}, split

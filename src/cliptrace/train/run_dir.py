@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cliptrace.files import remove_temporaries
 from cliptrace.locks import FileLock, holder_note
+from cliptrace.notices import CliptraceWarning
 from cliptrace.train.config import TrainConfig
 
 RUN_LOCK = "run.lock"
@@ -33,7 +34,7 @@ class RunBusyError(OSError):
         return str(self.strerror)
 
 
-class RunWarning(UserWarning):
+class RunWarning(CliptraceWarning):
     """Something a run did on its own that its user should know: a damaged checkpoint passed over, leftovers
     of a killed run removed."""
 

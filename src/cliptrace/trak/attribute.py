@@ -31,6 +31,7 @@ from cliptrace.distributed import Ranks, barrier, is_main, shard_of
 from cliptrace.files import atomic_file, write_json
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
+from cliptrace.notices import CliptraceWarning
 from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
@@ -165,7 +166,7 @@ def read_records(
         if not records:
             raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split else ""))
         if policy is not on_bad_sample and policy.skipped:
-            warnings.warn(f"{data}: {policy.summary(None)}", stacklevel=2)
+            warnings.warn(f"{data}: {policy.summary(None)}", CliptraceWarning, stacklevel=2)
         return records
     records = data if isinstance(data, Sequence) else list(data)  # a sequence (e.g. streamed records) as given
     if not records:
