@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from cliptrace.models.weights import read_tensors
 
 STATE_TREE = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -93,7 +94,7 @@ def read_state(directory: Path) -> dict[str, Any]:
         raise ValueError(f"{tree_path}: training state version {tree.get('version')!r}; this cliptrace reads version "
                          f"{STATE_VERSION}")
     try:
-        tensors = load_file(tensors_path)
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"{tensors_path}: not a readable safetensors file ({error})") from error
+        tensors = read_tensors(tensors_path)
+    except OSError as error:
+        raise ValueError(f"{tensors_path}: not a readable training state ({error.strerror})") from error
     return _decode(tree["state"], tensors, tree_path)
