@@ -295,9 +295,11 @@ class FeatureStore:
         """Refuse an existing directory that holds other things than a store (or a store being created) does."""
         if not self.directory.is_dir() or (self.directory / MANIFEST).is_file():
             return
-        # the manifest lock, and a temporary manifest that a process killed while creating the store left behind
+        # the manifest lock, and a temporary manifest that a process killed while creating the store left behind;
+        # anything else is written only once the manifest is, so look for the manifest again after listing (another
+        # process may have created the store meanwhile)
         if any(path.name != MANIFEST_LOCK and not path.name.startswith(".manifest.")
-               for path in self.directory.iterdir()):
+               for path in self.directory.iterdir()) and not (self.directory / MANIFEST).is_file():
             raise StoreMismatchError(f"{self.directory} is not empty and holds no {MANIFEST}: not a feature store")
 
     @contextmanager
