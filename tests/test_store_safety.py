@@ -184,3 +184,21 @@ def test_a_directory_holding_other_files_is_not_taken_for_a_store(tmp_path: Path
     with pytest.raises(ValueError, match="not empty and holds no manifest.json"):
         _store(tmp_path)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_store_another_process_creates_meanwhile_is_not_taken_for_a_foreign_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = tmp_path / "store"
+    directory.mkdir()
+    listing = Path.iterdir
+    racing = []
+
+    def create_then_list(path: Path):
+        if path == directory and not racing:  # another process creates the store between the two looks
+            racing.append(True)
+            _store(directory).add_checkpoint("ck", "fp")
+        return listing(path)
+
+    monkeypatch.setattr(Path, "iterdir", create_then_list)
+    store = _store(directory)
+    assert racing and store.checkpoint_ids() == ["ck"]
