@@ -83,7 +83,8 @@ def _check_options(format: Format, source: str, options: dict) -> None:
     """Raise a DatasetError when the reader of ``format`` does not take every one of ``options``."""
     unknown = sorted(set(options) - set(format.options))
     if unknown:
-        raise DatasetError(source, None, f"the {format.name} reader takes no option {unknown}; it takes {format.options}")
+        problem = f"the {format.name} reader takes no option {unknown}; it takes {format.options}"
+        raise DatasetError(source, None, problem)
 
 
 def dataset_path(path: str | Path, format: str = "auto") -> Path:

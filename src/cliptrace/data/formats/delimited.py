@@ -156,7 +156,10 @@ def read_csv(
         on_error: Receives each broken row, which is then skipped; when None the first one raises.
     """
     records = RecordSet()
-    add_csv(records, Path(path), image_key=image_key, caption_key=caption_key, sep=sep, split_key=split_key, id_key=id_key, label_key=label_key, default_split=default_split, image_root=image_root, on_error=on_error)
+    add_csv(
+        records, Path(path), image_key=image_key, caption_key=caption_key, sep=sep, split_key=split_key, id_key=id_key,
+        label_key=label_key, default_split=default_split, image_root=image_root, on_error=on_error,
+    )
     return records.records()
 
 
@@ -228,5 +231,9 @@ def add_csv(
 
 
 FORMAT = Format(
-    name="csv", summary="CSV/TSV (.csv, .tsv, or a directory with captions.csv)", read=read_csv, suffixes=(".csv", ".tsv"), find=named_file("captions.csv")
+    name="csv",
+    summary="CSV/TSV (.csv, .tsv, or a directory with captions.csv)",
+    read=read_csv,
+    suffixes=(".csv", ".tsv"),
+    find=named_file("captions.csv"),
 )

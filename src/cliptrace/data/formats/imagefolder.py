@@ -1,9 +1,9 @@
-"""The imagefolder format: HuggingFace's image-folder layout, ``metadata.jsonl`` or ``metadata.csv`` beside the images.
+"""The imagefolder format: HuggingFace's image-folder layout, ``metadata.jsonl`` or ``metadata.csv`` with the images.
 
 Either the folder holds the metadata itself (its ``file_name`` entries may point into subfolders), or each split has
-a subfolder with its own metadata, named ``train``, ``validation``, ``valid``, ``val`` or ``test``. Its name is the split
-of its rows (``validation`` and ``valid`` become ``val``) unless a row has a split column, and the default id of a
-row there is ``FOLDER/FILE_NAME`` without the extension, as the same file gets in the single-metadata layout.
+a subfolder with its own metadata, named ``train``, ``validation``, ``valid``, ``val`` or ``test``. Its name is the
+split of its rows (``validation`` and ``valid`` become ``val``) unless a row has a split column, and the default id
+of a row there is ``FOLDER/FILE_NAME`` without the extension, as the same file gets in the single-metadata layout.
 """
 
 from __future__ import annotations

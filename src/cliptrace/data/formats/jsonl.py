@@ -80,7 +80,10 @@ def read_jsonl(
         on_error: Receives each broken line, which is then skipped; when None the first one raises.
     """
     records = RecordSet()
-    add_jsonl(records, Path(path), image_key=image_key, caption_key=caption_key, split_key=split_key, id_key=id_key, label_key=label_key, default_split=default_split, image_root=image_root, on_error=on_error)
+    add_jsonl(
+        records, Path(path), image_key=image_key, caption_key=caption_key, split_key=split_key, id_key=id_key,
+        label_key=label_key, default_split=default_split, image_root=image_root, on_error=on_error,
+    )
     return records.records()
 
 
@@ -98,7 +101,8 @@ def add_jsonl(
     on_error: OnError = None,
     id_prefix: str = "",
 ) -> None:
-    """Add the objects of a JSON-lines file to ``records`` (see :func:`read_jsonl`); default ids start with ``id_prefix``."""
+    """Add the objects of a JSON-lines file to ``records`` (see :func:`read_jsonl`); default ids start with
+    ``id_prefix``."""
     path = Path(path)
     source = str(path)
     if caption_key is not None and not isinstance(caption_key, str):
@@ -127,5 +131,9 @@ def add_jsonl(
 
 
 FORMAT = Format(
-    name="jsonl", summary="JSON lines (.jsonl, or a directory with captions.jsonl)", read=read_jsonl, suffixes=(".jsonl",), find=named_file("captions.jsonl")
+    name="jsonl",
+    summary="JSON lines (.jsonl, or a directory with captions.jsonl)",
+    read=read_jsonl,
+    suffixes=(".jsonl",),
+    find=named_file("captions.jsonl"),
 )

@@ -106,18 +106,24 @@ def _is_image_struct(kind: Any) -> bool:
 
 
 def _images(column: Any) -> tuple[list[bool], list[str | None]]:
-    """(whether the row holds bytes, its path or None) of every row of an image column."""
+    """(whether the row holds bytes, its path or None) of every row of an image column, chunk by chunk so that no
+    image bytes are copied."""
     import pyarrow as pa
 
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if _is_binary(column.type):
-        return column.is_valid().to_pylist(), [None] * len(column)
-    if _is_string(column.type):
-        return [False] * len(column), column.to_pylist()
-    valid = column.is_valid().to_pylist()
-    has_bytes = column.field("bytes").is_valid().to_pylist()
-    paths = column.field("path").to_pylist()
-    return [ok and held for ok, held in zip(valid, has_bytes)], [path if ok else None for ok, path in zip(valid, paths)]
+    holds_bytes: list[bool] = []
+    paths: list[str | None] = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if _is_binary(chunk.type):
+            holds_bytes += chunk.is_valid().to_pylist()
+            paths += [None] * len(chunk)
+        elif _is_string(chunk.type):
+            holds_bytes += [False] * len(chunk)
+            paths += chunk.to_pylist()
+        else:
+            fields = dict(zip((field.name for field in chunk.type), chunk.flatten()))
+            holds_bytes += fields["bytes"].is_valid().to_pylist()
+            paths += fields["path"].to_pylist()
+    return holds_bytes, paths
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,8 @@ def add_rows(records: RecordSet, table: Any, found: Columns, part: Part, on_erro
                 image = image_path(paths[index], part.root, found.image)
             else:
                 raise Broken(f"no image in {found.image!r} (neither bytes nor a path)")
-            texts = [text for name, values in zip(found.captions, captions) for text in captions_of(values[index], name)]
+            texts = [text for name, values in zip(found.captions, captions)
+                     for text in captions_of(values[index], name)]
             record_id = optional_text(optional["id"][index], found.id or "id")
             records.add(
                 record_id or f"{part.id_prefix}{part.first_id + index}",
