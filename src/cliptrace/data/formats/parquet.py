@@ -125,8 +125,10 @@ def read_parquet(
 
 
 def _find(directory: Path) -> Path | None:
-    """The directory itself when it, or a folder in it, holds ``.parquet`` files."""
-    return directory if any(directory.glob("*.parquet")) or any(directory.glob("*/*.parquet")) else None
+    """The directory itself when it holds ``.parquet`` files, or its ``data/`` or split-named folders do (as a
+    HuggingFace Hub dataset repository keeps them); other folders are not searched, to keep detection cheap."""
+    folders = (directory, directory / "data", *(directory / word for word in SPLIT_WORDS))
+    return directory if any(any(folder.glob("*.parquet")) for folder in folders if folder.is_dir()) else None
 
 
 FORMAT = Format(
