@@ -441,12 +441,12 @@ def test_load_records_passes_options_and_rejects_unknown_ones(layouts: dict, tmp
 
 
 def test_load_records_unknown_inputs(tmp_path: Path) -> None:
-    other = tmp_path / "data.parquet"
-    other.write_bytes(b"PAR1")
-    with pytest.raises(DatasetError, match=r"data\.parquet: cannot tell the dataset format; supported: CSV/TSV"):
+    other = tmp_path / "data.xlsx"
+    other.write_bytes(b"PK")
+    with pytest.raises(DatasetError, match=r"data\.xlsx: cannot tell the dataset format; supported: CSV/TSV"):
         load_records(other)
-    with pytest.raises(DatasetError, match="unknown format 'parquet'; choose one of csv, jsonl"):
-        load_records(other, format="parquet")
+    with pytest.raises(DatasetError, match="unknown format 'xlsx'; choose one of csv, jsonl"):
+        load_records(other, format="xlsx")
     with pytest.raises(DatasetError, match="no such file or directory"):
         load_records(tmp_path / "missing")
     with pytest.raises(DatasetError, match="holds no dataset"):

@@ -7,12 +7,17 @@ from cliptrace.data.policy import ON_BAD_SAMPLE, BadSamplePolicy, check_policy
 from cliptrace.data.preview import contact_sheet
 from cliptrace.data.readers import (
     FORMATS,
+    SUPPORTED,
+    dataset_path,
+    list_shards,
     load_records,
     read_coco,
     read_csv,
+    read_hf,
     read_image_folder,
     read_jsonl,
     read_karpathy,
+    read_parquet,
     read_webdataset,
     select_split,
 )
@@ -22,6 +27,7 @@ from cliptrace.data.transforms import ImageTransform
 __all__ = [
     "FORMATS",
     "ON_BAD_SAMPLE",
+    "SUPPORTED",
     "BadSamplePolicy",
     "CheckReport",
     "DatasetError",
@@ -32,13 +38,17 @@ __all__ = [
     "check_dataset",
     "check_policy",
     "contact_sheet",
+    "dataset_path",
+    "list_shards",
     "load_records",
     "make_collate",
     "read_coco",
     "read_csv",
+    "read_hf",
     "read_image_folder",
     "read_jsonl",
     "read_karpathy",
+    "read_parquet",
     "read_webdataset",
     "select_split",
 ]

@@ -1,4 +1,6 @@
-"""Open images by reference: a file path, or ``SHARD.tar::MEMBER`` read by offset from an indexed tar shard.
+"""Open images by reference: a file path, ``SHARD.tar::MEMBER`` read by offset from an indexed tar shard, or
+``FILE.parquet::COLUMN[ROW]`` / ``FILE.arrow::COLUMN[ROW]`` read from one row of a table (see
+:mod:`cliptrace.data.tables`).
 
 Every image is decoded to RGB. Conversion follows PIL's ``convert("RGB")``, as open_clip's and HuggingFace's CLIP
 preprocessing do: grayscale is replicated, palettes are looked up, CMYK is converted, and an alpha channel is
@@ -23,6 +25,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from cliptrace.data.record import DatasetError, Record
 from cliptrace.data.shards import TAR_ERRORS, scan_shard
+from cliptrace.data.tables import TableRows, is_table_ref
 
 SHARD_SEPARATOR = "::"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
@@ -33,11 +36,20 @@ class ImageLoader:
     """Reads image references as produced by the dataset readers.
 
     Each tar shard is scanned once, on first use, into an index of member name -> (data offset, size); members are
-    then read with one seek. The index lives in the instance.
+    then read with one seek. Each Arrow or parquet file is opened once. The indexes and open files live in the
+    instance; a pickled copy (as DataLoader workers get) keeps the shard indexes and opens the tables again.
     """
 
     def __init__(self) -> None:
         self._shards: dict[str, tuple[dict[str, tuple[int, int]], str | None]] = {}
+        self._tables = TableRows()
+
+    def __getstate__(self) -> dict:
+        return {"_shards": self._shards}
+
+    def __setstate__(self, state: dict) -> None:
+        self._shards = state["_shards"]
+        self._tables = TableRows()
 
     def _index(self, shard: str) -> tuple[dict[str, tuple[int, int]], str | None]:
         """Member name -> (data offset, size) of every whole regular file in ``shard``, and its truncation."""
@@ -54,7 +66,9 @@ class ImageLoader:
         return self._shards[shard]
 
     def read_bytes(self, ref: str) -> bytes:
-        """The raw bytes of the file or shard member ``ref`` names."""
+        """The raw bytes of the file, shard member or table row ``ref`` names."""
+        if is_table_ref(ref):
+            return self._tables.read_bytes(ref)
         shard, separator, member = ref.partition(SHARD_SEPARATOR)
         if not separator:
             try:

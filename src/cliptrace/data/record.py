@@ -11,7 +11,8 @@ class Record:
 
     Attributes:
         id: Unique identifier of the image within its dataset.
-        image: Image reference: a file path, or ``"SHARD.tar::MEMBER"`` for a member of a tar shard.
+        image: Image reference: a file path, ``"SHARD.tar::MEMBER"`` for a member of a tar shard, or
+            ``"FILE.parquet::COLUMN[ROW]"`` (or ``.arrow``) for image bytes in a row of a table.
         captions: One or more captions describing the image.
         split: Dataset split, e.g. ``"train"``, ``"val"`` or ``"test"``.
         label: Optional class name, used by zero-shot classification.
