@@ -73,6 +73,7 @@ def explain(
     contrast: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
     templates: Sequence[str] = IMAGENET_TEMPLATES,
+    word_maps: bool = True,
     batch_size: int = 8,
 ) -> Explanation:
     """Explain why each image matches its caption (or zero-shot class).
@@ -88,6 +89,7 @@ def explain(
         classes: With ``target_class``: contrast the class with the mean of the *other* classes of this list.
         templates: Prompt templates (with ``{}``) that make a class embedding; by default the 80 ImageNet
             templates ``cliptrace eval`` classifies with, so the explained logit is the one classified.
+        word_maps: For class targets, also compute the per-word map (one text attribution per template).
         batch_size: Pairs (and, for class word maps, prompts) explained at a time.
 
     Returns:
@@ -114,7 +116,7 @@ def explain(
 
     parts, words = [], None
     try:
-        if target_class is not None and isinstance(model, HFCLIP):  # word maps need HF CLIP's text tower
+        if word_maps and target_class is not None and isinstance(model, HFCLIP):  # they need HF CLIP's text tower
             words = _class_words(model, attribution, _per_image(target_class, count, "target_class"), text_side,
                                  templates, batch_size)
         width = 0 if words is None else max(len(prompts.words) for prompts, _ in words)
@@ -199,6 +201,12 @@ def _explain_batch(
         require_hf_clip(model, "the exact decomposition")
         with torch.no_grad():
             image = image_components(model, pixels, chunk_size=attribution.chunk_size)
+            if tokens is None and words is None:  # a class target without its word map
+                scores = side_scores(model, image, target)
+                return {
+                    "image_map": scores[:, :-1].reshape(len(pixels), *patch_grid(model, pixels)),
+                    "image_constant": scores[:, -1],
+                }
             if tokens is not None:
                 text = text_components(model, **tokens, chunk_size=attribution.chunk_size)
             else:  # a class target: its word components, padded between the words and the constant source

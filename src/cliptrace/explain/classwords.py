@@ -60,6 +60,10 @@ def class_prompts(model: HFCLIP, name: str, templates: Sequence[str], *, batch_s
     """The prompts of class ``name`` under ``templates``, their word assignment and weight (see the module)."""
     prompts = [fill_template(template, name) for template in templates]
     tokens = model.tokenize(prompts)
+    # The text tower is causal: no real token attends to the padding after it, so the padding beyond the longest
+    # prompt is cut (every embedding stays the same) and costs no work.
+    length = int(tokens["attention_mask"].sum(1).max())
+    tokens = {key: value[:, :length] for key, value in tokens.items()}
     try:
         encoded = model.tokenizer(prompts, padding="max_length", truncation=True, max_length=model.context_length,
                                   return_offsets_mapping=True, return_special_tokens_mask=True)
@@ -88,7 +92,7 @@ def class_prompts(model: HFCLIP, name: str, templates: Sequence[str], *, batch_s
     dtype, device = model.logit_scale.dtype, model.logit_scale.device
     assignment = torch.zeros(len(prompts), tokens["input_ids"].shape[1], len(keys), dtype=dtype)
     for row, assigned in enumerate(per_prompt):
-        for column, key in enumerate(assigned):
+        for column, key in enumerate(assigned[:length]):
             if key is not None and tokens["attention_mask"][row, column]:
                 assignment[row, column, order[key]] = 1
     tokens = {key: value.to(device) for key, value in tokens.items()}

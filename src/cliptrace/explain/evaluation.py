@@ -148,7 +148,7 @@ def evaluate_methods(
         chunk = slice(start, start + batch_size)
         result = explain(model, pixels[chunk], None if text is None else text[chunk],
                          target_class=None if target_class is None else target_class[chunk], classes=classes,
-                         templates=templates, method=name, batch_size=batch_size)
+                         templates=templates, word_maps=False, method=name, batch_size=batch_size)
         image_map = result.image_map.detach().to(torch.float64)
         score = logit_score(model, side[chunk])
         measures: dict[str, torch.Tensor] = {}
