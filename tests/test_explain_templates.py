@@ -58,9 +58,10 @@ def test_the_class_logit_explained_is_the_one_zero_shot_classification_uses(mode
     custom = zero_shot_logits(model, images, TEMPLATES)
     assert not torch.allclose(expected, custom, rtol=1e-3, atol=1e-3)  # the templates matter
     for column, name in enumerate(CLASSES):
-        plain = explain(model, images, target_class=name, method="random")
+        plain = explain(model, images, target_class=name, method="random", word_maps=False)
         torch.testing.assert_close(plain.logit.float(), expected[:, column], rtol=1e-5, atol=1e-5)
-        chosen = explain(model, images, target_class=name, templates=TEMPLATES, method="random")
+        chosen = explain(model, images, target_class=name, templates=TEMPLATES, method="random",
+                         word_maps=False)
         torch.testing.assert_close(chosen.logit.float(), custom[:, column], rtol=1e-5, atol=1e-5)
 
 
@@ -132,7 +133,8 @@ def test_class_word_maps_average_the_prompts_explained_one_by_one(model, images,
         got = dict(zip(words, result.text_map[row].tolist()))
         assert got == pytest.approx(expected, rel=1e-8, abs=1e-10)
     if method == "decomposition":
-        torch.testing.assert_close(result.text_constant, constant, rtol=1e-8, atol=1e-10)
+        # zero-shot classification keeps class embeddings in float32: the constant also owns that rounding
+        torch.testing.assert_close(result.text_constant, constant, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(result.text_map.sum(1) + result.text_constant, result.logit, rtol=1e-10,
                                    atol=1e-12)
         torch.testing.assert_close(result.interaction.sum((1, 2)), result.logit, rtol=1e-10, atol=1e-12)
