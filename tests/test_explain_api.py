@@ -60,7 +60,7 @@ def test_contrastive_caption_view_explains_the_target_minus_the_prompt_mean(mode
 def test_class_target_contrasted_with_the_other_classes(model, pixels):
     targets = ["red circle", "green cross", "red circle"]
     result = explain(model, pixels, target_class=targets, classes=CLASSES, templates=TEMPLATES)
-    assert result.text_map is None and result.tokens is None
+    assert [words[:2] for words in result.tokens] == [name.split() for name in targets]  # the class words first
     with torch.no_grad():
         phi = model.encode_image(pixels).float()
         logits = model.logit_scale.exp().float() * phi @ class_embeddings(model, CLASSES, TEMPLATES).T
@@ -72,6 +72,7 @@ def test_class_target_contrasted_with_the_other_classes(model, pixels):
     torch.testing.assert_close(result.logit.float(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.image_map.sum((1, 2)) + result.image_constant, result.logit,
                                rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(result.text_map.sum(1) + result.text_constant, result.logit, rtol=1e-10, atol=1e-12)
 
 
 def test_batch_size_and_image_form_do_not_change_the_result(model, pixels):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -51,13 +52,16 @@ def _lines(value: Optional[str], path: Optional[Path]) -> list[str] | None:
 
 
 def explain_command(
-    model: Annotated[Path, typer.Option(help="Model directory, or a training run (its final model/).")],
+    model: Annotated[Optional[Path], typer.Option(
+        help="Model directory, or a training run (its final model/); not needed with --list-methods.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="The image to explain.")] = None,
     text: Annotated[Optional[str], typer.Option(help="The caption to explain the match with.")] = None,
     target_class: Annotated[Optional[str], typer.Option(
         "--class", help="Explain the match with this zero-shot class instead of a caption.")] = None,
     classes: Annotated[Optional[str], typer.Option(
         help="Comma-separated class names: contrast --class with the mean of the other classes.")] = None,
+    templates: Annotated[Optional[Path], typer.Option(
+        help="Prompt templates of --class, one per line with {} (default: the 80 ImageNet ones, as eval).")] = None,
     contrast: Annotated[Optional[Path], typer.Option(
         help="File of prompts, one per line: explain the caption minus the prompts' mean embedding.")] = None,
     method: Annotated[str, typer.Option(help="Comma-separated methods (see --list-methods).")] = DEFAULT_METHODS,
@@ -72,6 +76,7 @@ def explain_command(
     seed: Annotated[int, typer.Option(help="Batch mode: seed of the target sample and the random baseline.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
+    from cliptrace.evaluate import IMAGENET_TEMPLATES, load_templates
     from cliptrace.explain import method_names
     from cliptrace.models.directory import model_directory_of
 
@@ -79,18 +84,22 @@ def explain_command(
         console.print("\n".join(method_names()))
         return
     with reported_errors():
+        if model is None:
+            raise ValueError("give --model (a model directory or a training run), or --list-methods")
         names = _names(method)
+        prompts = load_templates(templates) if templates else IMAGENET_TEMPLATES
         if data is not None:
-            _batch(model_directory_of(model), data, split, limit, names, out, steps, seed, progress)
+            _batch(model_directory_of(model), data, split, limit, names, prompts, out, steps, seed, progress)
             return
         if image is None:
             raise ValueError("give --image (and --text or --class), or --data for batch mode")
         _single(model_directory_of(model), image, text, target_class, _lines(classes, None), _lines(None, contrast),
-                names, out)
+                names, prompts, out)
 
 
 def _single(model_dir: Path, image_path: Path, text: str | None, target_class: str | None,
-            classes: list[str] | None, contrast: list[str] | None, names: list[str], out: Path) -> None:
+            classes: list[str] | None, contrast: list[str] | None, names: list[str], templates: Sequence[str],
+            out: Path) -> None:
     from PIL import Image
 
     from cliptrace.explain import explain
@@ -108,7 +117,7 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
     for name in names:
         try:
             results.append(explain(model, pixels, text, target_class=target_class, classes=classes,
-                                   contrast=contrast, method=name))
+                                   contrast=contrast, templates=templates, method=name))
         except MethodFailed as failure:
             _report_failure(model_dir, failure)
             failed.append(name)
@@ -125,14 +134,14 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
             scores = result.text_map[0, : len(result.tokens[0])]
             order = scores.argsort(descending=True)[:3].tolist()
             top = ", ".join(f"{result.tokens[0][i].strip()} ({scores[i]:.3g})" for i in order)
-        table.add_row(result.method, f"{float(result.logit[0]):.4g}", f"{result.seconds:.3f}", top)
+        table.add_row(result.method, f"{float(result.logit[0]):.6g}", f"{result.seconds:.3f}", top)
     console.print(table)
     console.print(f"written: {out}")
     _exit_if_failed(failed, names)
 
 
-def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str], out: Path, steps: int, seed: int,
-           progress: bool) -> None:
+def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str], templates: Sequence[str],
+           out: Path, steps: int, seed: int, progress: bool) -> None:
     import csv
 
     from cliptrace.explain import explain
@@ -146,7 +155,7 @@ def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str]
     rows, failed = [], []
     for name in names:  # one method at a time, so a failing one leaves the others' rows
         try:
-            rows += evaluate_methods(model, cases, [name], steps=steps, progress=progress)
+            rows += evaluate_methods(model, cases, [name], templates=templates, steps=steps, progress=progress)
         except MethodFailed as failure:
             _report_failure(model_dir, failure)
             failed.append(name)
@@ -163,7 +172,8 @@ def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str]
     markdown = summary_markdown(summary)
     (out / "summary.md").write_text(markdown, encoding="utf-8")
     for case in cases[:4]:
-        results = [explain(model, case.pixels[None], case.caption, target_class=case.target_class, method=name)
+        results = [explain(model, case.pixels[None], case.caption, target_class=case.target_class,
+                           templates=templates, method=name)
                    for name in kept]
         label = case.caption if case.caption is not None else f"class: {case.target_class}"
         save_figure(method_grid(model.preprocess.unnormalize(case.pixels), results, caption=label),

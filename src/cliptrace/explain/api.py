@@ -15,8 +15,10 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from cliptrace.evaluate.templates import IMAGENET_TEMPLATES
 from cliptrace.evaluate.zeroshot import class_embeddings
 from cliptrace.explain.base import AttributionMethod, Explanation, patch_grid, require_hf_clip
+from cliptrace.explain.classwords import ClassPrompts, class_prompts, word_components
 from cliptrace.explain.decomposition import (
     ExactDecomposition,
     image_components,
@@ -26,8 +28,6 @@ from cliptrace.explain.decomposition import (
 )
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.hf_clip import HFCLIP
-
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a {}", "a photo of a {}.")
 
 
 class MethodFailed(RuntimeError):
@@ -72,7 +72,8 @@ def explain(
     target_class: str | Sequence[str] | None = None,
     contrast: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
+    word_maps: bool = True,
     batch_size: int = 8,
 ) -> Explanation:
     """Explain why each image matches its caption (or zero-shot class).
@@ -86,13 +87,15 @@ def explain(
         contrast: A prompt set whose mean embedding is subtracted from the target (captions only; for classes,
             ``classes`` does this).
         classes: With ``target_class``: contrast the class with the mean of the *other* classes of this list.
-        templates: Prompt templates (with ``{}``) that make a class embedding.
-        batch_size: Pairs explained at a time.
+        templates: Prompt templates (with ``{}``) that make a class embedding; by default the 80 ImageNet
+            templates ``cliptrace eval`` classifies with, so the explained logit is the one classified.
+        word_maps: For class targets, also compute the per-word map (one text attribution per template).
+        batch_size: Pairs (and, for class word maps, prompts) explained at a time.
 
     Returns:
-        An :class:`Explanation`; ``text_map`` and ``tokens`` are set for caption targets when the method has a
-        text side and the model is an :class:`HFCLIP`, the constants and the interaction matrix for the
-        decomposition.
+        An :class:`Explanation`; ``text_map`` and ``tokens`` are set when the method has a text side and the
+        model is an :class:`HFCLIP`: per token for captions, per word of the prompts for classes (see
+        :mod:`cliptrace.explain.classwords`); the constants and the interaction matrix for the decomposition.
 
     Raises:
         ValueError: Neither or both of ``text`` and ``target_class``, counts that do not match the images, or
@@ -111,22 +114,32 @@ def explain(
         image_side = model.encode_image(pixels)
         logit = model.logit_scale.exp() * (image_side * target).sum(-1)
 
-    parts = []
+    parts, words = [], None
     try:
+        if word_maps and target_class is not None and isinstance(model, HFCLIP):  # they need HF CLIP's text tower
+            words = _class_words(model, attribution, _per_image(target_class, count, "target_class"), text_side,
+                                 templates, batch_size)
+        width = 0 if words is None else max(len(prompts.words) for prompts, _ in words)
         for rows in torch.arange(count).split(batch_size):
             batch_tokens = None if tokens is None else {key: value[rows] for key, value in tokens.items()}
+            batch_words = None if words is None else [words[row] for row in rows.tolist()]
             batch_offset = None if offset is None else offset.expand(count, -1)[rows]
             parts.append(_explain_batch(model, attribution, pixels[rows], target[rows], image_side[rows],
-                                        batch_tokens, batch_offset))
+                                        batch_tokens, batch_words, batch_offset, width, batch_size))
     except Exception as error:  # whatever a method raises is that method's failure, named for the caller
         raise MethodFailed(attribution.name, error) from error
+    strings = None
+    if tokens is not None:
+        strings = _token_strings(model, tokens)
+    elif words is not None:
+        strings = [list(prompts.words) for prompts, _ in words]
     result = Explanation(
         method=attribution.name,
         logit=logit,
         image_map=torch.cat([part["image_map"] for part in parts]),
         image_level=attribution.image_level,
         **{key: torch.cat([part[key] for part in parts]) for key in parts[0] if key != "image_map"},
-        tokens=None if tokens is None else _token_strings(model, tokens),
+        tokens=strings,
     )
     if result.text_map is None:
         result.tokens = None
@@ -143,7 +156,7 @@ def resolve_target(
     target_class: str | Sequence[str] | None = None,
     contrast: Sequence[str] | None = None,
     classes: Sequence[str] | None = None,
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
 ) -> tuple[dict[str, torch.Tensor] | None, torch.Tensor, torch.Tensor | None]:
     """The text side of ``count`` images, as :func:`explain` takes it.
 
@@ -174,20 +187,30 @@ def _explain_batch(
     target: torch.Tensor,
     image_side: torch.Tensor,
     tokens: dict[str, torch.Tensor] | None,
+    words: list[tuple[ClassPrompts, torch.Tensor | None]] | None,
     offset: torch.Tensor | None,
+    width: int,
+    batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    """The maps of one batch; the decomposition also yields its constants and interaction matrix."""
+    """The maps of one batch; the decomposition also yields its constants and interaction matrix.
+
+    ``words`` holds, for class targets, each pair's class prompts and (for the decomposition) word components;
+    class word maps are padded with zeros to ``width`` words.
+    """
     if isinstance(attribution, ExactDecomposition):
         require_hf_clip(model, "the exact decomposition")
         with torch.no_grad():
             image = image_components(model, pixels, chunk_size=attribution.chunk_size)
-            if tokens is None:
+            if tokens is None and words is None:  # a class target without its word map
                 scores = side_scores(model, image, target)
                 return {
                     "image_map": scores[:, :-1].reshape(len(pixels), *patch_grid(model, pixels)),
                     "image_constant": scores[:, -1],
                 }
-            text = text_components(model, **tokens, chunk_size=attribution.chunk_size)
+            if tokens is not None:
+                text = text_components(model, **tokens, chunk_size=attribution.chunk_size)
+            else:  # a class target: its word components, padded between the words and the constant source
+                text = torch.stack([_padded_components(parts, width) for _, parts in words])
             if offset is not None:  # the prompt set's mean belongs to no token: it joins the constant source
                 text[:, -1] -= offset.to(text.dtype)
             split = interaction(model, image, text)
@@ -204,7 +227,64 @@ def _explain_batch(
         text_map = attribution.attribute_text(model, tokens["input_ids"], tokens["attention_mask"], image_side)
         if text_map is not None:
             maps["text_map"] = text_map.detach()
+    elif words is not None:
+        scores = [_class_word_scores(model, attribution, prompts, side, batch_size)
+                  for (prompts, _), side in zip(words, image_side)]
+        if all(score is not None for score in scores):
+            maps["text_map"] = torch.stack([_padded(score, width) for score in scores])
     return maps
+
+
+def _class_words(
+    model: HFCLIP,
+    attribution: AttributionMethod,
+    names: list[str],
+    sides: torch.Tensor,
+    templates: Sequence[str],
+    batch_size: int,
+) -> list[tuple[ClassPrompts, torch.Tensor | None]]:
+    """Each pair's class prompts and, for the decomposition, the word components of its class embedding."""
+    decomposition = attribution if isinstance(attribution, ExactDecomposition) else None
+    by_name: dict[str, tuple[ClassPrompts, torch.Tensor | None]] = {}
+    for name, side in zip(names, sides):
+        if name in by_name:
+            continue
+        prompts = class_prompts(model, name, templates, batch_size=batch_size)
+        parts = None
+        if decomposition is not None:
+            with torch.no_grad():
+                parts = word_components(
+                    prompts, side,
+                    lambda batch: text_components(model, **batch, chunk_size=decomposition.chunk_size),
+                    batch_size=batch_size,
+                )
+        by_name[name] = (prompts, parts)
+    return [by_name[name] for name in names]
+
+
+def _class_word_scores(
+    model: HFCLIP, attribution: AttributionMethod, prompts: ClassPrompts, image_side: torch.Tensor, batch_size: int
+) -> torch.Tensor | None:
+    """One pair's word map from the method's text maps of its class prompts, or ``None`` if it has none."""
+    maps = []
+    for rows in torch.arange(prompts.assignment.shape[0]).split(batch_size):
+        ids, mask = prompts.tokens["input_ids"][rows], prompts.tokens["attention_mask"][rows]
+        text_map = attribution.attribute_text(model, ids, mask, image_side.expand(len(rows), -1))
+        if text_map is None:
+            return None
+        maps.append(text_map.detach())
+    return prompts.word_scores(torch.cat(maps))
+
+
+def _padded(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Word scores (W,) padded with zeros to (width,)."""
+    return torch.cat([scores, scores.new_zeros(width - len(scores))])
+
+
+def _padded_components(parts: torch.Tensor, width: int) -> torch.Tensor:
+    """Word components (W + 1, E) padded with zero rows before the constant source, to (width + 1, E)."""
+    padding = parts.new_zeros(width + 1 - len(parts), parts.shape[-1])
+    return torch.cat([parts[:-1], padding, parts[-1:]])
 
 
 def _pixels(model: DualEncoder, images: Image.Image | Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:

@@ -29,14 +29,16 @@ class Explanation:
         logit: The explained number for each pair, shape (B,), computed by the real model.
         image_map: Per-patch (B, gh, gw) or per-pixel (B, H, W) relevance; ``None`` if the method has none.
         image_level: ``"patch"`` or ``"pixel"``: what one cell of ``image_map`` covers.
-        text_map: Per-token relevance (B, L), zero at padding; ``None`` when the text side is fixed
-            (a class embedding) or the method has no text map.
-        tokens: The caption's tokens per pair (strings, padding left out), when there is a text map.
+        text_map: Per-token relevance (B, L) of a caption, zero at padding; for a zero-shot class, per-word
+            relevance (B, W) over its prompts' words (:mod:`cliptrace.explain.classwords`), zero after the
+            pair's words; ``None`` when the method has no text map.
+        tokens: Per pair, the caption's tokens (strings, padding left out), or the class's word labels
+            (class-name words, template words, special tokens), when there is a text map.
         image_constant: The part of the logit no patch owns (class and position embeddings, biases), shape (B,):
             ``image_map.sum() + image_constant == logit``; only the exact decomposition sets it.
         text_constant: The same for the text side: ``text_map.sum() + text_constant == logit``.
-        interaction: The logit split over (image sources × text sources), shape (B, gh·gw + 1, L + 1), the last
-            row and column being the constant source; only the exact decomposition sets it.
+        interaction: The logit split over (image sources × text sources), shape (B, gh·gw + 1, L + 1) (W + 1
+            for a class), the last row and column being the constant source; only the exact decomposition sets it.
         seconds: Wall time the method took.
     """
 

@@ -21,6 +21,7 @@ from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records
 from cliptrace.data.record import Record
 from cliptrace.data.shapes import METADATA, load_mask, load_objects
+from cliptrace.evaluate.templates import IMAGENET_TEMPLATES
 from cliptrace.explain.api import explain, make_method, resolve_target
 from cliptrace.explain.base import patch_grid
 from cliptrace.explain.metrics import (
@@ -115,6 +116,7 @@ def evaluate_methods(
     methods: Sequence[str],
     *,
     classes: Sequence[str] | None = None,
+    templates: Sequence[str] = IMAGENET_TEMPLATES,
     steps: int = 16,
     batch_size: int = 8,
     progress: bool = False,
@@ -124,7 +126,8 @@ def evaluate_methods(
     AUCs are areas under the raw logit curve over the perturbed fraction (logit units): deletion lower is better,
     insertion higher. (Dividing by the unperturbed logit explodes for images whose logit is near zero.)
     ``pointing``, ``energy`` and ``iou`` need a ground-truth mask; ``completeness`` is set for decompositions.
-    With ``classes`` (class cases only), each case's class is contrasted with the mean of the other classes.
+    With ``classes`` (class cases only), each case's class is contrasted with the mean of the other classes;
+    ``templates`` make the class embeddings (default: the ones ``cliptrace eval`` uses).
     """
     from rich.progress import track
 
@@ -134,7 +137,8 @@ def evaluate_methods(
     names = [case.target_class for case in cases]
     text = None if captions[0] is None else captions
     target_class = None if names[0] is None else names
-    _, side, offset = resolve_target(model, len(cases), text, target_class=target_class, classes=classes)
+    _, side, offset = resolve_target(model, len(cases), text, target_class=target_class, classes=classes,
+                                     templates=templates)
     side = side if offset is None else side - offset
     masks = None if cases[0].mask is None else torch.stack([case.mask for case in cases])
     grid = patch_grid(model, pixels)
@@ -144,7 +148,7 @@ def evaluate_methods(
         chunk = slice(start, start + batch_size)
         result = explain(model, pixels[chunk], None if text is None else text[chunk],
                          target_class=None if target_class is None else target_class[chunk], classes=classes,
-                         method=name, batch_size=batch_size)
+                         templates=templates, word_maps=False, method=name, batch_size=batch_size)
         image_map = result.image_map.detach().to(torch.float64)
         score = logit_score(model, side[chunk])
         measures: dict[str, torch.Tensor] = {}
@@ -185,15 +189,18 @@ def summarize(rows: Sequence[dict[str, float | str]]) -> list[dict[str, float | 
     return summary
 
 
-def sanity_checks(model: DualEncoder, cases: Sequence[Case], methods: Sequence[str], *, seed: int = 0
-                  ) -> list[dict[str, float | str | bool]]:
-    """The model-randomization check of each method on the cases: Spearman ρ after full randomization and verdict."""
+def sanity_checks(model: DualEncoder, cases: Sequence[Case], methods: Sequence[str], *, seed: int = 0,
+                  templates: Sequence[str] = IMAGENET_TEMPLATES) -> list[dict[str, float | str | bool]]:
+    """The model-randomization check of each method on the cases: Spearman ρ after full randomization and verdict.
+
+    ``templates`` make the class embeddings of class cases.
+    """
     dtype = model.logit_scale.dtype
     pixels = torch.stack([case.pixels for case in cases]).to(dtype)
     captions = [case.caption for case in cases]
     text = None if captions[0] is None else captions
     target_class = None if text is not None else [case.target_class for case in cases]
-    _, side, _ = resolve_target(model, len(cases), text, target_class=target_class)
+    _, side, _ = resolve_target(model, len(cases), text, target_class=target_class, templates=templates)
     results = []
     for name in methods:
         method = make_method(name)
