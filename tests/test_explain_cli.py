@@ -85,8 +85,10 @@ def test_shapes_cases_name_one_object_and_carry_its_pixels(world_and_model):
 def test_batch_mode_writes_the_metrics_table(world_and_model, tmp_path):
     world, model = world_and_model
     out = tmp_path / "batch"
+    templates = tmp_path / "templates.txt"  # two prompts keep the class word maps of the examples quick
+    templates.write_text("a photo of a {}.\na {}\n", encoding="utf-8")
     output = invoke("explain", "--model", model, "--data", world, "--split", "", "--limit", "6", "--steps", "4",
-                    "--method", METHODS, "--out", out, "--no-progress")
+                    "--method", METHODS, "--templates", templates, "--out", out, "--no-progress")
     assert "pointing game" in output
     with (out / "metrics.csv").open() as file:
         rows = list(csv.DictReader(file))
