@@ -25,13 +25,14 @@ def separator(sep: str | None) -> str | None:
     return "\t" if sep in TAB_NAMES else sep
 
 
-def caption_keys(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
-    """Caption columns from ``"a,b"``, ``["a", "b"]`` (each item may hold commas too) or None; None when empty."""
+def caption_keys(value: str | Sequence[str] | None) -> str | None:
+    """Caption columns from ``"a, b"``, ``["a", "b"]`` (each item may hold commas too) or None, as ``"a,b"``;
+    None when empty."""
     if value is None:
         return None
     items = [value] if isinstance(value, str) else list(value)
-    keys = tuple(key.strip() for item in items for key in str(item).split(",") if key.strip())
-    return keys or None
+    keys = [key.strip() for item in items for key in str(item).split(",") if key.strip()]
+    return ",".join(keys) or None
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,16 @@ class DataOptions:
         image_root: Directory relative image paths are read from (default: the reader's, e.g. the file's folder).
         sep: CSV field separator (``tab`` and ``\\t`` are read as a tab).
         image_key: Image column or key.
-        caption_key: Caption column(s) or key(s); ``"a,b"`` names two caption columns.
+        caption_key: Caption column or key; ``"a,b"`` names two caption columns (a list of names is joined so).
+
+    Every field is a string or None, so the options survive a JSON round trip unchanged.
     """
 
     format: str = "auto"
     image_root: str | None = None
     sep: str | None = None
     image_key: str | None = None
-    caption_key: tuple[str, ...] | None = None
+    caption_key: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", self.format or "auto")
@@ -63,7 +66,7 @@ class DataOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, source: str = "data options") -> "DataOptions":
-        """Options from :meth:`to_dict` output (as stored in a run's ``config.json``); defaults for None.
+        """Options from a dict of their fields (as stored in a run's ``config.json``); the defaults for None.
 
         Raises:
             ValueError: ``data`` is not a mapping of the fields of :class:`DataOptions` (``source`` names it).
@@ -80,12 +83,6 @@ class DataOptions:
             raise ValueError(f"{source}: unknown data option(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready (``caption_key`` as a list)."""
-        data = dataclasses.asdict(self)
-        data["caption_key"] = list(self.caption_key) if self.caption_key else None
-        return data
-
     def to_reader_options(self) -> dict[str, Any]:
         """The keyword options of :func:`~cliptrace.data.readers.load_records` that were given (``format`` apart).
 
@@ -100,7 +97,8 @@ class DataOptions:
         if self.image_key is not None:
             options["image_key"] = self.image_key
         if self.caption_key is not None:
-            options["caption_key"] = self.caption_key[0] if len(self.caption_key) == 1 else list(self.caption_key)
+            keys = self.caption_key.split(",")
+            options["caption_key"] = keys[0] if len(keys) == 1 else keys
         return options
 
     def load(self, path: str | Path, **extra: Any) -> list[Record]:

@@ -126,25 +126,31 @@ class TrainConfig:
         """The dataset format of :attr:`data_options`."""
         return self.data_options.format
 
-    def to_dict(self) -> dict:
-        """Every setting, JSON-ready (``data_options`` as a dict)."""
-        return {**dataclasses.asdict(self), "data_options": self.data_options.to_dict()}
-
     def save(self, path: Path) -> None:
         """Write the config as JSON (atomically), with what its paths stand for now (:meth:`inputs`)."""
-        write_text_atomic(path, json.dumps({**self.to_dict(), INPUTS: self.inputs()}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps({**dataclasses.asdict(self), INPUTS: self.inputs()}, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
-        """Read a config written by :meth:`save` (one from before ``data_options`` keeps its ``data_format``)."""
+        """Read a config written by :meth:`save`."""
         data = cls._read(path)
         data.pop(INPUTS, None)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> "TrainConfig":
+        """The config of a dict of its settings (one from before ``data_options`` keeps its ``data_format``).
+
+        Raises:
+            ValueError: ``data`` is not a config's settings; the message starts with ``source``.
+        """
+        data = dict(data)
         if "data_format" in data and "data_options" not in data:
             data["data_options"] = {"format": data.pop("data_format")}
         try:
             return cls(**data)
         except TypeError as error:
-            raise ValueError(f"{path}: not a readable training config ({error})") from error
+            raise ValueError(f"{source}: not a readable training config ({error})") from error
 
     @classmethod
     def load_inputs(cls, path: Path) -> dict[str, str | None] | None:
@@ -201,7 +207,7 @@ class TrainConfig:
         ``other``'s paths stood for when it was saved, see :meth:`load_inputs`: an ids file edited since then
         differs); :data:`RESUMABLE_CHANGES`, ``out`` among them, are not compared.
         """
-        mine, theirs = self.absolute().to_dict(), other.absolute().to_dict()
+        mine, theirs = dataclasses.asdict(self.absolute()), dataclasses.asdict(other.absolute())
         changed = {
             name: (mine[name], theirs[name])
             for name in mine
