@@ -13,7 +13,7 @@ from cliptrace.cli.errors import reported_errors
 from cliptrace.cli.options import with_data_options
 from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import SUPPORTED
-from cliptrace.train.config import TrainConfig
+from cliptrace.train.config import TrainConfig, run_data_options
 
 console = Console()
 DEFAULT_EVAL_SPLIT = "val"
@@ -68,7 +68,9 @@ def train_command(
     save_every: Annotated[int, typer.Option("--save-frequency", "--save-every", help="Checkpoint every N epochs.")
                           ] = 1,
     keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 keeps all).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its newest checkpoint (reading the data with the data options it was "
+             "started with; options given must agree with them).")] = False,
     stream: Annotated[bool, typer.Option(
         help="Stream WebDataset shards (whole shards per reader) instead of holding every record in memory; needs at "
              "least devices × num_nodes × max(num_workers, 1) shards.")] = False,
@@ -82,6 +84,9 @@ def train_command(
     from cliptrace.train import train
 
     with reported_errors():
+        stored = run_data_options(out) if resume else None
+        if stored is not None:  # a resumed run reads its data as it did; options given must agree with them
+            data_options = stored.overridden_by(data_options)
         config = TrainConfig(
             data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
             image_size=image_size, vocab_size=vocab_size, data_options=data_options, train_split=train_split,
