@@ -11,25 +11,17 @@ from rich.table import Table
 from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.cli.options import with_data_options
 from cliptrace.data.check import CheckReport, check_dataset
 from cliptrace.data.images import ImageLoader
 from cliptrace.data.preview import contact_sheet
-from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.options import DataOptions
+from cliptrace.data.readers import SUPPORTED, select_split
 from cliptrace.data.record import DatasetError
 
 data_app = typer.Typer(help="Validate and preview datasets.", no_args_is_help=True, pretty_exceptions_show_locals=False)
 
-PathArgument = Annotated[
-    Path, typer.Argument(help="Dataset: CSV/TSV, JSONL, COCO or Karpathy JSON, .tar shards or a glob, or a folder.")
-]
-FormatOption = Annotated[
-    str, typer.Option("--format", help="csv, jsonl, coco, karpathy, webdataset, imagefolder, or auto.")
-]
-
-
-def _separator(sep: str) -> str:
-    """A separator as typed on a command line: ``tab`` and ``\\t`` stand for a tab."""
-    return "\t" if sep in ("tab", "\\t") else sep
+PathArgument = Annotated[Path, typer.Argument(help=f"Dataset: {SUPPORTED}.")]
 
 
 def _summary(report: CheckReport) -> str:
@@ -49,33 +41,22 @@ def _table(title: str, problems: list[DatasetError], kind: str = "problem") -> T
 
 
 @data_app.command("check")
+@with_data_options
 def check_command(
     path: PathArgument,
-    data_format: FormatOption = "auto",
-    image_key: Annotated[Optional[str], typer.Option(help="Image column or key (CSV, JSONL).")] = None,
-    caption_key: Annotated[
-        Optional[list[str]], typer.Option(help="Caption column or key; repeat for several CSV caption columns.")
-    ] = None,
-    sep: Annotated[
-        Optional[str], typer.Option(help="CSV separator; 'tab' for a tab (default: tab for .tsv, else comma).")
-    ] = None,
+    data_options: DataOptions,
     images: Annotated[bool, typer.Option(help="Also open and decode every image.")] = True,
     allow_outside_root: Annotated[bool, typer.Option(
         help="Do not warn of image paths that leave the dataset root (../, absolute paths elsewhere).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar while the images are decoded.")] = True,
 ) -> None:
     """List every broken row and unreadable image; exit with status 1 when there is any.
 
     Image paths that leave the dataset root are listed as warnings (they do not change the exit status).
     """
-    options: dict = {}
-    if image_key is not None:
-        options["image_key"] = image_key
-    if caption_key:
-        options["caption_key"] = caption_key[0] if len(caption_key) == 1 else caption_key
-    if sep is not None:
-        options["sep"] = _separator(sep)
     console = Console()
-    report = check_dataset(path, data_format, check_images=images, allow_outside_root=allow_outside_root, **options)
+    report = check_dataset(path, data_options, check_images=images, allow_outside_root=allow_outside_root,
+                           progress=progress)
     if report.warnings:
         console.print(_table(f"{len(report.warnings)} warning(s) in {path}", report.warnings, "warning"))
         console.print(Text("images outside the dataset root are read all the same; pass --allow-outside-root if "
@@ -89,19 +70,20 @@ def check_command(
 
 
 @data_app.command("preview")
+@with_data_options
 def preview_command(
     path: PathArgument,
+    data_options: DataOptions,
     out: Annotated[Path, typer.Option(help="PNG file to write.")],
     n: Annotated[int, typer.Option(min=1, help="Most images shown.")] = 16,
     columns: Annotated[int, typer.Option(min=1, help="Images per row.")] = 4,
     split: Annotated[Optional[str], typer.Option(help="Only records of this split (default: all).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random choice of records.")] = 0,
-    data_format: FormatOption = "auto",
 ) -> None:
     """Write a contact sheet: a grid of randomly chosen images with their captions."""
     console = Console()
     with reported_errors():
-        records = select_split(load_records(path, data_format), split)
+        records = select_split(data_options.load(path), split)
         if not records:
             raise DatasetError(str(path), None, f"no records in split {split!r}" if split else "no records")
         written = contact_sheet(records, ImageLoader(), out, n=n, columns=columns, seed=seed)

@@ -12,6 +12,9 @@ from rich.table import Table
 from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.cli.options import with_data_options
+from cliptrace.data.options import DataOptions
+from cliptrace.data.readers import SUPPORTED
 from cliptrace.data.record import Record
 
 if TYPE_CHECKING:
@@ -23,11 +26,11 @@ console = Console()
 SHAPES_WORLD_META = "shapes_world.json"
 
 
+@with_data_options
 def eval_command(
     model: Annotated[Path, typer.Argument(help="Model directory, or a training run (its final model/).")],
-    data: Annotated[
-        Path, typer.Argument(help="Dataset: CSV/TSV, JSONL, COCO or Karpathy JSON, .tar shards, or a folder.")
-    ],
+    data: Annotated[Path, typer.Argument(help=f"Dataset: {SUPPORTED}.")],
+    data_options: DataOptions,
     split: Annotated[str, typer.Option(help="Split to evaluate ('' for all records).")] = "test",
     classes: Annotated[
         Optional[Path],
@@ -37,7 +40,6 @@ def eval_command(
         Optional[Path], typer.Option(help="Prompt templates, one per line with {} (default: the 80 ImageNet ones).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the metrics to this JSON file.")] = None,
-    data_format: Annotated[str, typer.Option("--format", help="Dataset format, or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images or texts embedded at once.")] = 64,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -50,8 +52,8 @@ def eval_command(
     from cliptrace.evaluate import IMAGENET_TEMPLATES, evaluate, format_metrics_table, load_classnames, load_templates
 
     with reported_errors():
-        policy = BadSamplePolicy(on_bad_sample)
-        records = _records(data, data_format, split or None, policy)
+        policy = BadSamplePolicy(on_bad_sample, progress=progress)
+        records = _records(data, data_options, split or None, policy)
         classnames = None
         if classes is not None:
             classnames = load_classnames(classes)
@@ -76,9 +78,11 @@ def eval_command(
         console.print(Text(summary))
 
 
+@with_data_options
 def retrieve_command(
     model: Annotated[Path, typer.Argument(help="Model directory, or a training run (its final model/).")],
     data: Annotated[Path, typer.Argument(help="Dataset whose images (or captions) are searched.")],
+    data_options: DataOptions,
     text: Annotated[Optional[str], typer.Option(help="Caption to query: find the closest images.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Image to query: find the closest captions.")] = None,
     k: Annotated[int, typer.Option(help="How many of the best matches to show.")] = 5,
@@ -89,20 +93,20 @@ def retrieve_command(
     true_id: Annotated[
         Optional[str], typer.Option(help="Id of the record that is the correct answer, to mark it.")
     ] = None,
-    data_format: Annotated[str, typer.Option("--format", help="Dataset format, or auto.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images or texts embedded at once.")] = 64,
     device: Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")] = "cpu",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Show the top-k images for a caption (--text) or the top-k captions for an image (--image)."""
     from cliptrace.data.images import ImageLoader
+    from cliptrace.data.policy import BadSamplePolicy
     from cliptrace.evaluate import image_query, plot_image_query, plot_text_query, text_query
 
     if (text is None) == (image is None):
         raise typer.BadParameter("give exactly one of --text and --image", param_hint="--text / --image")
     loader = ImageLoader()
     with reported_errors():
-        records = _records(data, data_format, split)
+        records = _records(data, data_options, split, BadSamplePolicy(loader=loader, progress=progress))
         encoder = _model(model, device)
         options = dict(k=k, true_id=true_id, batch_size=batch_size, device=device, progress=progress)
         if text is not None:
@@ -132,13 +136,11 @@ def _matches_table(result: QueryResult, title: str) -> Table:
     return table
 
 
-def _records(data: Path, data_format: str, split: str | None, policy: BadSamplePolicy | None = None) -> list[Record]:
-    """The records of ``split`` (every record when None) under ``policy`` (fail when None); an error if none is left."""
-    from cliptrace.data.policy import BadSamplePolicy
+def _records(data: Path, data_options: DataOptions, split: str | None, policy: BadSamplePolicy) -> list[Record]:
+    """The records of ``split`` (every record when None) under ``policy``; an error if none is left."""
     from cliptrace.data.readers import select_split
 
-    policy = policy if policy is not None else BadSamplePolicy()
-    records = policy.screen(select_split(policy.load(data, format=data_format), split))
+    records = policy.screen(select_split(policy.load(data, data_options), split))
     if not records:
         raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split is not None else ""))
     return records

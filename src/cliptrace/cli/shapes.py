@@ -26,6 +26,7 @@ def shapes(
     duplicates: Annotated[int, typer.Option(help="Near-duplicates of train images to plant.")] = 0,
     mislabeled: Annotated[int, typer.Option(help="Train images to give the captions of a different scene.")] = 0,
     shard_size: Annotated[int, typer.Option(help="Images per tar shard (wds format).")] = 1000,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar while the images are written.")] = True,
 ) -> None:
     """Generate the shapes world and print where it was written and how many images each split holds."""
     from cliptrace.data.shapes import METADATA, generate_shapes_world
@@ -34,7 +35,7 @@ def shapes(
         data = generate_shapes_world(
             out, n_images=n_images, image_size=image_size, seed=seed, format=format, val_fraction=val_fraction,
             test_fraction=test_fraction, max_objects=max_objects, n_duplicates=duplicates, n_mislabeled=mislabeled,
-            shard_size=shard_size,
+            shard_size=shard_size, progress=progress,
         )
     counts = json.loads((out / METADATA).read_text(encoding="utf-8"))["counts"]
     console.print(f"shapes world written to [bold]{out}[/bold]; read it from {data}")

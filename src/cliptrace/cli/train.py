@@ -10,38 +10,67 @@ from rich.console import Console
 from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
-from cliptrace.train.config import TrainConfig
+from cliptrace.cli.options import with_data_options
+from cliptrace.data.options import DataOptions
+from cliptrace.data.readers import SUPPORTED
+from cliptrace.train.config import TrainConfig, run_data_options
 
 console = Console()
+DEFAULT_EVAL_SPLIT = "val"
 
 
+def _eval_settings(eval_split: str | None, has_val_data: bool) -> dict:
+    """``eval_split`` and ``eval_required`` of the config for ``--eval-split`` as given (None: not given).
+
+    Not given: every record of --val-data, or the val split of DATA when it has one (no evaluation otherwise).
+    Given: that split, which must have records ('' skips evaluation, or takes all of --val-data).
+    """
+    if eval_split is None:
+        return {"eval_split": None if has_val_data else DEFAULT_EVAL_SPLIT, "eval_required": has_val_data}
+    return {"eval_split": eval_split or None, "eval_required": bool(eval_split) or has_val_data}
+
+
+@with_data_options
 def train_command(
-    data: Annotated[Path, typer.Argument(help="Dataset: CSV/TSV, JSONL, COCO or Karpathy JSON, .tar shards, or a folder.")],
+    data: Annotated[Path, typer.Argument(help=f"Dataset: {SUPPORTED}.")],
+    data_options: DataOptions,
     out: Annotated[Path, typer.Option(help="Run directory for config, logs, checkpoints and the final model.")],
     model: Annotated[Optional[Path], typer.Option(help="Start from this model directory instead of a new model.")] = None,
     preset: Annotated[str, typer.Option(help="Size preset of a new HF CLIP model (tiny, small, base).")] = "tiny",
     image_size: Annotated[Optional[int], typer.Option(help="Input resolution of a new model (default: the preset's).")] = None,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the captions of a new model.")] = 1024,
-    data_format: Annotated[str, typer.Option("--format", help="Dataset format, or auto.")] = "auto",
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     train_ids: Annotated[Optional[Path], typer.Option(help="File of record ids (one per line): train only on these.")] = None,
-    eval_split: Annotated[str, typer.Option(help="Split evaluated after every epoch ('' to skip).")] = "val",
+    val_data: Annotated[Optional[Path], typer.Option(
+        help="A second dataset (any format, read with the same data options) to evaluate on after every epoch: "
+             "all of its records, or its --eval-split when that is given.")] = None,
+    eval_split: Annotated[Optional[str], typer.Option(
+        help="Split evaluated after every epoch: of --val-data when given, else of DATA ('' to skip; default: "
+             "val, and no evaluation, said once, when DATA has no val split). A split given here that has no "
+             "records is an error.")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Global batch size.")] = 128,
+    batch_size: Annotated[int, typer.Option(
+        help="Global batch size: the batch of the contrastive loss, split evenly over devices × nodes.")] = 128,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay of weight matrices.")] = 0.1,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay.")] = 50,
+    weight_decay: Annotated[float, typer.Option("--wd", "--weight-decay", help="Weight decay of weight matrices.")
+                            ] = 0.1,
+    warmup_steps: Annotated[int, typer.Option("--warmup", "--warmup-steps",
+                                              help="Linear warmup steps before cosine decay.")] = 50,
     grad_clip: Annotated[float, typer.Option(help="Max gradient norm (0 disables clipping).")] = 1.0,
     precision: Annotated[str, typer.Option(help="32-true, bf16-mixed, 16-mixed, ...")] = "32-true",
     accelerator: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     devices: Annotated[int, typer.Option(help="Processes (devices) per node.")] = 1,
     num_nodes: Annotated[int, typer.Option(help="Number of nodes.")] = 1,
     strategy: Annotated[str, typer.Option(help="Fabric strategy (auto, ddp, ...).")] = "auto",
-    num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 0,
+    num_workers: Annotated[int, typer.Option("--workers", "--num-workers", help="DataLoader workers per process.")
+                           ] = 0,
     seed: Annotated[int, typer.Option(help="Seed of initialization, data order and captions.")] = 0,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N epochs.")] = 1,
+    save_every: Annotated[int, typer.Option("--save-frequency", "--save-every", help="Checkpoint every N epochs.")
+                          ] = 1,
     keep_checkpoints: Annotated[int, typer.Option(help="Keep the newest N checkpoints (0 keeps all).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its newest checkpoint (reading the data with the data options it was "
+             "started with; options given must agree with them).")] = False,
     stream: Annotated[bool, typer.Option(
         help="Stream WebDataset shards (whole shards per reader) instead of holding every record in memory; needs at "
              "least devices × num_nodes × max(num_workers, 1) shards.")] = False,
@@ -55,11 +84,14 @@ def train_command(
     from cliptrace.train import train
 
     with reported_errors():
+        stored = run_data_options(out) if resume else None
+        if stored is not None:  # a resumed run reads its data as it did; options given must agree with them
+            data_options = stored.overridden_by(data_options)
         config = TrainConfig(
             data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
-            image_size=image_size, vocab_size=vocab_size, data_format=data_format, train_split=train_split,
-            train_ids=str(train_ids) if train_ids else None,
-            eval_split=eval_split or None, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+            image_size=image_size, vocab_size=vocab_size, data_options=data_options, train_split=train_split,
+            train_ids=str(train_ids) if train_ids else None, val_data=str(val_data) if val_data else None,
+            **_eval_settings(eval_split, val_data is not None), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,
             devices=devices, num_nodes=num_nodes, strategy=strategy, num_workers=num_workers, seed=seed,
             save_every=save_every, keep_checkpoints=keep_checkpoints, progress=progress, on_bad_sample=on_bad_sample,

@@ -11,12 +11,18 @@ from rich.table import Table
 from rich.text import Text
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.cli.options import with_data_options
+from cliptrace.data.options import DataOptions
+from cliptrace.train.config import TrainConfig
+from cliptrace.train.run_dir import CONFIG
 
 console = Console()
 trak_app = typer.Typer(no_args_is_help=True)
 
 Run = Annotated[Path, typer.Argument(help="Training run directory (from cliptrace train), or a model directory.")]
-Data = Annotated[Path, typer.Argument(help="The training dataset (any supported format).")]
+Data = Annotated[Optional[Path], typer.Argument(
+    help="The training dataset (any supported format; default: the one RUN was trained on). The data options "
+         "default to those RUN was trained with; options given here override them.", show_default=False)]
 TrainSplit = Annotated[str, typer.Option(help="Split of DATA that was trained on ('' for all records).")]
 Store = Annotated[Optional[Path], typer.Option(help="Feature store directory (default: RUN/trak/store).")]
 Checkpoints = Annotated[Optional[int], typer.Option(help="Ensemble the last K checkpoints (default: all).")]
@@ -36,7 +42,8 @@ Features = Annotated[str, typer.Option(
          "(per-example gradients + dense projection, the reference), or auto (factored unless --proj-dim 0).")]
 LayerDim = Annotated[int, typer.Option(help="Factored path: width each side of a layer is projected to.")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
-Targets = Annotated[Optional[Path], typer.Option(help="Dataset of the targets (default: DATA).")]
+Targets = Annotated[Optional[Path], typer.Option(
+    help="Dataset of the targets (default: DATA), read with the same data options.")]
 TargetSplit = Annotated[str, typer.Option(help="Split of the targets ('' for all records).")]
 TargetIds = Annotated[Optional[str], typer.Option(help="Comma-separated record ids: only these targets.")]
 Out = Annotated[Path, typer.Option(help="Directory for scores.npy, topk.csv/json and self_influence.csv.")]
@@ -66,9 +73,25 @@ def _store_dir(run: Path, store: Path | None) -> Path:
     return store if store is not None else run / "trak" / "store"
 
 
+def _run_data(run: Path, data: Path | None, given: DataOptions) -> tuple[Path, DataOptions]:
+    """DATA (default: the dataset RUN was trained on) and its data options: RUN's, overridden by those given.
+
+    Raises:
+        ValueError: No DATA and RUN is not a training run.
+    """
+    config_path = run / CONFIG
+    stored = TrainConfig.load(config_path) if config_path.is_file() else None
+    if data is None:
+        if stored is None:
+            raise ValueError(f"{run}: not a training run (no {CONFIG}); give the training dataset DATA")
+        data = Path(stored.data)
+    return data, stored.data_options.overridden_by(given) if stored is not None else given
+
+
 @trak_app.command("featurize", help="Featurize the training set under each checkpoint (resumable).")
+@with_data_options
 def featurize_command(
-    run: Run, data: Data, train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None,
+    run: Run, data_options: DataOptions, data: Data = None, train_split: TrainSplit = "train", store: Store = None, checkpoints: Checkpoints = None,
     proj_dim: ProjDim = 2048, projection: Projection = "rademacher", seed: Seed = 0, bank_size: BankSize = 1024,
     parameters: Parameters = None, lambda_reg: LambdaReg = 0.0, batch_size: BatchSize = 16, dtype: Dtype = "float32",
     device: Device = "cpu", features: Features = "auto", layer_dim: LayerDim = 32, progress: Progress = True,
@@ -87,6 +110,7 @@ def featurize_command(
         if stream and (on_bad_sample != "fail" or not train_split):
             raise ValueError("--stream reads the shards of one --train-split as they come; it cannot skip bad "
                              "samples up front")
+        data, data_options = _run_data(run, data, data_options)
         ranks = launch(device, devices, num_nodes)
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype,
                              str(ranks.device) if ranks else device, features, layer_dim)
@@ -94,7 +118,7 @@ def featurize_command(
         train = ShardRecords(ShardIndex.scan(data, train_split), train_split) if stream else data
         result = featurize(run, train, store_dir=_store_dir(run, store), checkpoints=checkpoint or checkpoints,
                            train_split=train_split or None, settings=settings, progress=progress,
-                           on_bad_sample=policy, ranks=ranks)
+                           on_bad_sample=policy, ranks=ranks, data_options=data_options)
         if not is_main(ranks):
             return
         report = policy.write_report(result.directory / SKIP_REPORT)
@@ -109,18 +133,19 @@ def _print_skipped(summary: str | None) -> None:
         console.print(Text(summary))
 
 
-def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, target_ids: str | None,
-               train_split: str, store: Path | None, checkpoints: int | list[str] | None, settings, top_k: int,
-               full_scores: bool, out: Path, progress: bool, on_bad_sample: str, devices: int,
+def _attribute(run: Path, data: Path | None, data_options: DataOptions, targets: Path | None, target_split: str,
+               target_ids: str | None, train_split: str, store: Path | None, checkpoints: int | list[str] | None,
+               settings, top_k: int, full_scores: bool, out: Path, progress: bool, on_bad_sample: str, devices: int,
                num_nodes: int) -> None:
     from cliptrace.data.policy import SKIP_REPORT, BadSamplePolicy
     from cliptrace.distributed import launch
     from cliptrace.trak.attribute import attribute, read_records
 
     with reported_errors():
+        data, data_options = _run_data(run, data, data_options)
         ranks = launch(settings.device, devices, num_nodes)
         policy = BadSamplePolicy(on_bad_sample, progress=progress)
-        target_records = read_records(targets or data, target_split or None, policy)
+        target_records = read_records(targets or data, target_split or None, policy, data_options)
         if target_ids:
             wanted = [item.strip() for item in target_ids.split(",") if item.strip()]
             by_id = {record.id: record for record in target_records}
@@ -136,7 +161,7 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
             score_dtype=settings.score_dtype, device=str(ranks.device) if ranks else settings.device,
             features=settings.features, layer_dim=settings.layer_dim, store_dir=_store_dir(run, store),
             train_split=train_split or None, top_k=top_k, full_scores=full_scores, progress=progress,
-            on_bad_sample=policy, ranks=ranks,
+            on_bad_sample=policy, ranks=ranks, data_options=data_options,
         )
         if result is None:  # another rank scores and writes
             return
@@ -157,8 +182,9 @@ def _attribute(run: Path, data: Path, targets: Path | None, target_split: str, t
 def _scoring_command(full_scores: bool):
     """The ``score`` (full matrix too) or ``topk`` (top-k tables and self-influence only) command."""
 
+    @with_data_options
     def command(
-        run: Run, data: Data, targets: Targets = None, target_split: TargetSplit = "test",
+        run: Run, data_options: DataOptions, data: Data = None, targets: Targets = None, target_split: TargetSplit = "test",
         target_ids: TargetIds = None, train_split: TrainSplit = "train", store: Store = None,
         checkpoints: Checkpoints = None, proj_dim: ProjDim = 2048, projection: Projection = "rademacher",
         seed: Seed = 0, bank_size: BankSize = 1024, parameters: Parameters = None, lambda_reg: LambdaReg = 0.0,
@@ -169,7 +195,7 @@ def _scoring_command(full_scores: bool):
     ) -> None:
         settings = _settings(proj_dim, projection, seed, bank_size, parameters, lambda_reg, batch_size, dtype, device,
                              features, layer_dim)
-        _attribute(run, data, targets, target_split, target_ids, train_split, store, checkpoint or checkpoints,
+        _attribute(run, data, data_options, targets, target_split, target_ids, train_split, store, checkpoint or checkpoints,
                    settings, top_k, full_scores, out, progress, on_bad_sample, devices, num_nodes)
 
     return command

@@ -30,12 +30,13 @@ Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 def _scores(run: Path, directory: Path, methods: str, checkpoints: int, proj_dim: int, features: str, seed: int,
             progress: bool) -> dict[str, np.ndarray]:
-    from cliptrace.data.readers import load_records
+    from cliptrace.train.config import TrainConfig
     from cliptrace.verify.methods import method_scores
     from cliptrace.verify.retrain import load_plan
 
     plan = load_plan(directory)
-    by_id = {record.id: record for record in load_records(plan.config["data"], format=plan.config["data_format"])}
+    config = TrainConfig.from_dict(plan.config, str(directory))
+    by_id = {record.id: record for record in config.data_options.load(config.data)}
     train = [by_id[i] for i in plan.train_ids]
     targets = [by_id[i] for i in plan.target_ids]
     names = [name.strip() for name in methods.split(",") if name.strip()]

@@ -7,10 +7,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cliptrace.data.images import SHARD_SEPARATOR, ImageLoader, load_record_image
-from cliptrace.data.readers import load_records
+from cliptrace.data.options import DataOptions
 from cliptrace.data.record import DatasetError, Record
 
 
@@ -62,25 +64,26 @@ def _outside_root(path: str | Path, records: list[Record], root: str) -> list[Da
 
 def check_dataset(
     path: str | Path,
-    format: str = "auto",
+    data_options: DataOptions | None = None,
     *,
     check_images: bool = True,
     allow_outside_root: bool = False,
-    **options: Any,
+    progress: bool = False,
 ) -> CheckReport:
     """Read a dataset collecting every broken row, then open and decode every image.
 
     Args:
         path: Any dataset :func:`~cliptrace.data.readers.load_records` reads.
-        format: Dataset format, or ``auto``.
+        data_options: How to read it (format, image root, separator, keys); the defaults when None.
         check_images: Also open every image (location ``id ID`` in the problem).
-        allow_outside_root: Do not warn of image paths outside the dataset root (``image_root``, or the dataset
-            directory, or the directory of the dataset file).
-        **options: Reader options such as ``image_key``, ``caption_key``, ``sep`` or ``image_root``.
+        allow_outside_root: Do not warn of image paths outside the dataset root (the ``image_root`` of
+            ``data_options``, or the dataset directory, or the directory of the dataset file).
+        progress: Show a progress bar while the images are decoded (on stderr, removed when done).
     """
+    data_options = data_options if data_options is not None else DataOptions()
     report = CheckReport(path=str(path))
     try:
-        records = load_records(path, format, on_error=report.problems.append, **options)
+        records = data_options.load(path, on_error=report.problems.append)
     except DatasetError as error:
         report.problems.append(error)
         return report
@@ -88,14 +91,16 @@ def check_dataset(
     report.captions = sum(len(record.captions) for record in records)
     report.splits = dict(sorted(Counter(record.split for record in records).items()))
     if not allow_outside_root:
-        report.warnings = _outside_root(path, records, _dataset_root(path, options.get("image_root")))
+        report.warnings = _outside_root(path, records, _dataset_root(path, data_options.image_root))
     if check_images:
         loader = ImageLoader()
-        for record in records:
-            try:
-                load_record_image(loader, record)
-            except DatasetError as error:
-                report.problems.append(error)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True, disable=not progress) as bar:
+            for record in bar.track(records, description="decoding images"):
+                try:
+                    load_record_image(loader, record)
+                except DatasetError as error:
+                    report.problems.append(error)
     if not records and report.ok:
         report.problems.append(DatasetError(str(path), None, "no records"))
     return report

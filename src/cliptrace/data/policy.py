@@ -15,13 +15,11 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records
+from cliptrace.data.options import DataOptions
 from cliptrace.data.record import DatasetError, Record
 from cliptrace.files import atomic_file
 
@@ -78,17 +76,19 @@ class BadSamplePolicy:
             self._rows.add(_row(problem))
             self.skipped.append(problem)
 
-    def load(self, path: str | Path, format: str = "auto", **options: Any) -> list[Record]:
-        """:func:`~cliptrace.data.readers.load_records`; under ``skip`` broken rows are left out and kept.
+    def load(self, path: str | Path, data_options: DataOptions | None = None) -> list[Record]:
+        """The records of ``path`` read with ``data_options`` (:meth:`DataOptions.load`; the defaults when None);
+        under ``skip`` broken rows are left out and kept.
 
         Raises:
             DatasetError: The dataset as a whole is unreadable (under either policy), a row is broken under
                 ``fail``, or every row is broken under ``skip``.
         """
+        data_options = data_options if data_options is not None else DataOptions()
         if not self.skips:
-            return load_records(path, format, **options)
+            return data_options.load(path)
         broken: list[DatasetError] = []
-        records = load_records(path, format, on_error=broken.append, **options)
+        records = data_options.load(path, on_error=broken.append)
         for problem in broken:
             self._skip(problem)
         self._samples[str(path)] = len(records) + len(broken)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from cliptrace.data.record import DatasetError
 
@@ -206,6 +208,7 @@ def generate_shapes_world(
     n_duplicates: int = 0,
     n_mislabeled: int = 0,
     shard_size: int = 1000,
+    progress: bool = False,
 ) -> Path:
     """Write a shapes world dataset to ``out_dir`` (which must be absent or empty).
 
@@ -220,7 +223,8 @@ def generate_shapes_world(
     captions of another train image that differs in a named colour or shape.
 
     The files are written to a sibling ``.partial`` directory that takes the place of ``out_dir`` only when
-    complete. The train count in ``shapes_world.json`` includes the near-duplicates.
+    complete. The train count in ``shapes_world.json`` includes the near-duplicates. ``progress`` shows a bar over
+    the images written (on stderr, removed when done).
 
     Returns:
         The path to read the records from: ``captions.csv``, ``captions.jsonl`` or the ``shards`` directory.
@@ -257,7 +261,10 @@ def generate_shapes_world(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     examples = _examples(seed, image_size, scenes, shown, splits, duplicated)
-    data = _write_examples(partial, format, examples, shard_size)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True, disable=not progress) as bar:
+        tracked = bar.track(examples, total=n_images + n_duplicates, description="writing images")
+        data = _write_examples(partial, format, tracked, shard_size)
     _write_json(partial / PLANTED, {
         "duplicates": [{"original": _image_id(i), "duplicate": _duplicate_id(j)} for j, i in enumerate(duplicated)],
         "mislabeled": [{"id": _image_id(i), "captions": shown[i], "true_captions": captions[i]} for i in mislabeled],

@@ -6,9 +6,10 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import dataset_path
 from cliptrace.data.policy import check_policy
 from cliptrace.data.record import DatasetError
@@ -16,9 +17,9 @@ from cliptrace.files import write_text_atomic
 
 # Settings that may differ when a run is resumed; every other setting must match the stored run. ``out`` is where
 # the run is now, so a run directory may be moved or copied and resumed there.
-RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out")
+RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out", "eval_required")
 # Settings that name files: compared by what they stand for (see TrainConfig.inputs), not by how they are spelled.
-PATH_SETTINGS = ("data", "model", "train_ids")
+PATH_SETTINGS = ("data", "model", "train_ids", "val_data")
 INPUTS = "inputs"  # the key of config.json that records what the paths stood for when it was saved
 
 
@@ -33,11 +34,18 @@ class TrainConfig:
         preset: Size preset of a new HF CLIP model (see :data:`cliptrace.models.PRESETS`).
         image_size: Input resolution of a new model; None keeps the preset's.
         vocab_size: Vocabulary size of the BPE tokenizer trained on the training captions of a new model.
-        data_format: Dataset format, or "auto" to detect it from the path.
+        data_options: How ``data`` (and ``val_data``) is read: format, image root, CSV separator, image and caption
+            keys (see :class:`~cliptrace.data.options.DataOptions`); a dict of its fields is accepted too.
         train_split: Split to train on.
         train_ids: A UTF-8 file of record ids, one per line: train only on these records of ``train_split`` (a
             subset for counterfactual retraining); None trains on the whole split.
-        eval_split: Split evaluated after every epoch; None or a split with no records skips it.
+        val_data: A second dataset (any format, read with ``data_options``) whose records are the eval set; None
+            evaluates on ``eval_split`` of ``data``.
+        eval_split: Split evaluated after every epoch: of ``val_data`` when given (None: every record of it), else
+            of ``data`` (None: no evaluation).
+        eval_required: An eval split with no records is an error naming the data and the splits it has (set
+            by the CLI when ``--eval-split`` or ``--val-data`` is given). When False, an empty eval split of
+            ``data`` skips evaluation with one warning (the default ``val`` on a dataset without one).
         epochs: Number of passes over the training split.
         batch_size: Global batch size (split evenly over devices); the last partial batch of an epoch is dropped.
         lr: Peak learning rate of AdamW.
@@ -69,10 +77,12 @@ class TrainConfig:
     preset: str = "tiny"
     image_size: int | None = None
     vocab_size: int = 1024
-    data_format: str = "auto"
+    data_options: DataOptions = field(default_factory=DataOptions)
     train_split: str = "train"
     train_ids: str | None = None
+    val_data: str | None = None
     eval_split: str | None = "val"
+    eval_required: bool = False
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
@@ -94,6 +104,7 @@ class TrainConfig:
     stream: bool = False
 
     def __post_init__(self) -> None:
+        self.data_options = DataOptions.from_dict(self.data_options, "data_options")
         positive = ("epochs", "batch_size", "devices", "num_nodes", "save_every", "vocab_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -104,9 +115,16 @@ class TrainConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         check_policy(self.on_bad_sample)
+        if self.stream and self.val_data is not None:
+            raise ValueError("stream evaluates on the held-out records of the shards; it takes no val_data")
         if self.stream and (self.train_ids is not None or self.on_bad_sample != "fail"):
             raise ValueError("stream reads shards as they come: it cannot select train_ids or skip bad samples "
                              "(which need every record up front); check the data with `cliptrace data check`")
+
+    @property
+    def data_format(self) -> str:
+        """The dataset format of :attr:`data_options`."""
+        return self.data_options.format
 
     def save(self, path: Path) -> None:
         """Write the config as JSON (atomically), with what its paths stand for now (:meth:`inputs`)."""
@@ -117,15 +135,29 @@ class TrainConfig:
         """Read a config written by :meth:`save`."""
         data = cls._read(path)
         data.pop(INPUTS, None)
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str) -> "TrainConfig":
+        """The config of a dict of its settings (one from before ``data_options`` keeps its ``data_format``).
+
+        Raises:
+            ValueError: ``data`` is not a config's settings; the message starts with ``source``.
+        """
+        data = dict(data)
+        if "data_format" in data and "data_options" not in data:
+            data["data_options"] = {"format": data.pop("data_format")}
         try:
             return cls(**data)
         except TypeError as error:
-            raise ValueError(f"{path}: not a readable training config ({error})") from error
+            raise ValueError(f"{source}: not a readable training config ({error})") from error
 
     @classmethod
     def load_inputs(cls, path: Path) -> dict[str, str | None] | None:
         """What the paths of a config written by :meth:`save` stood for then; None when it does not say."""
         inputs = cls._read(path).get(INPUTS)
+        if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) - {"val_data"}:
+            inputs = {**inputs, "val_data": None}  # saved before val_data existed
         return inputs if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) else None
 
     @staticmethod
@@ -139,15 +171,17 @@ class TrainConfig:
         return data
 
     def absolute(self) -> "TrainConfig":
-        """This config with ``data``, ``model`` and ``train_ids`` as absolute paths (valid from any directory)."""
+        """This config with its paths (``data``, ``model``, ``train_ids``, ``val_data`` and the image root of
+        ``data_options``) absolute: valid from any directory."""
         return dataclasses.replace(
-            self, **{name: os.path.abspath(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)}
+            self, data_options=self.data_options.absolute(),
+            **{name: os.path.abspath(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)},
         )
 
     def inputs(self) -> dict[str, str | None]:
-        """What ``data``, ``model`` and ``train_ids`` stand for, however they are spelled.
+        """What ``data``, ``model``, ``train_ids`` and ``val_data`` stand for, however they are spelled.
 
-        ``data`` is the dataset file (or shard folder or pattern) that format detection reads, with symlinks and
+        ``data`` (and ``val_data``) is the dataset file (or shard folder or pattern) that format detection reads, with symlinks and
         relative parts resolved, so a folder and its ``captions.csv`` are the same; ``model`` is the resolved model
         directory; ``train_ids`` is the sha256 of the file's contents (its resolved path when it cannot be read).
         Relative paths are taken from the current directory.
@@ -160,6 +194,7 @@ class TrainConfig:
                 train_ids = str(Path(self.train_ids).resolve())
         return {
             "data": _dataset_target(self.data, self.data_format),
+            "val_data": None if self.val_data is None else _dataset_target(self.val_data, self.data_format),
             "model": None if self.model is None else str(Path(self.model).resolve()),
             "train_ids": train_ids,
         }
@@ -172,7 +207,7 @@ class TrainConfig:
         ``other``'s paths stood for when it was saved, see :meth:`load_inputs`: an ids file edited since then
         differs); :data:`RESUMABLE_CHANGES`, ``out`` among them, are not compared.
         """
-        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        mine, theirs = dataclasses.asdict(self.absolute()), dataclasses.asdict(other.absolute())
         changed = {
             name: (mine[name], theirs[name])
             for name in mine
@@ -195,3 +230,13 @@ def _dataset_target(data: str, data_format: str) -> str:
     except DatasetError:
         path = Path(data)
     return str(path.resolve())
+
+
+def run_data_options(run: str | Path) -> DataOptions | None:
+    """The data options a training run was trained with (its ``config.json``); None when ``run`` holds no config.
+
+    Raises:
+        ValueError: The run's ``config.json`` is unreadable.
+    """
+    path = Path(run) / "config.json"
+    return TrainConfig.load(path).data_options if path.is_file() else None

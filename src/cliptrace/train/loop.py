@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
+from cliptrace.notices import CliptraceWarning
 from cliptrace.train.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -40,6 +43,10 @@ from cliptrace.train.optim import build_optimizer
 from cliptrace.train.run_dir import CONFIG, check_run_dir, locked_run_dir
 
 STREAM_TOKENIZER_CAPTIONS = 200_000  # captions a new model's tokenizer is trained on when streaming
+
+
+class TrainWarning(CliptraceWarning):
+    """Something about a training run its user should know before it ends: e.g. that it is not evaluated."""
 
 
 @dataclass
@@ -93,14 +100,46 @@ def _keep_ids(records: list[Record], path: Path, split: str) -> list[Record]:
     return [record for record in records if record.id in keep]
 
 
-def _records(config: TrainConfig, policy: BadSamplePolicy) -> tuple[list[Record], list[Record]]:
-    """The train records (only ``train_ids`` when given) and the eval records of ``config``, under ``policy``."""
-    records = policy.load(config.data, format=config.data_format)
+def _records(config: TrainConfig, policy: BadSamplePolicy, notify: bool) -> tuple[list[Record], list[Record]]:
+    """The train records (only ``train_ids`` when given) and the eval records of ``config``, under ``policy``.
+
+    ``notify``: warn when the default eval split is missing (see :func:`eval_records`).
+    """
+    records = policy.load(config.data, config.data_options)
     train_records = select_split(records, config.train_split)
     if config.train_ids is not None:
         train_records = _keep_ids(train_records, Path(config.train_ids), config.train_split)
-    eval_records = select_split(records, config.eval_split) if config.eval_split else []
-    return policy.screen(train_records), policy.screen(eval_records)
+    held_out = policy.load(config.val_data, config.data_options) if config.val_data is not None else records
+    return policy.screen(train_records), policy.screen(eval_records(config, held_out, notify))
+
+
+def eval_records(config: TrainConfig, records: Sequence[Record], notify: bool = True) -> list[Record]:
+    """The records of ``config``'s eval split among ``records`` (those of ``val_data`` when given, else of ``data``).
+
+    With ``val_data``, ``eval_split`` None keeps all of them; without it, None evaluates nothing.
+
+    Raises:
+        ValueError: The eval split has no records and ``config.eval_required`` or ``val_data`` is set; the message
+            names the data and the splits it has. Otherwise an empty eval split gives no records and, when
+            ``notify``, one warning saying that the run is not evaluated.
+    """
+    source = config.val_data if config.val_data is not None else config.data
+    if config.val_data is None and not config.eval_split:
+        return []
+    chosen = select_split(records, config.eval_split or None)
+    if chosen:
+        return chosen
+    counts = Counter(record.split for record in records)
+    splits = ", ".join(f"{name!r} ({count})" for name, count in sorted(counts.items())) or "none"
+    what = f"no records in eval split {config.eval_split!r}" if config.eval_split else "no records to evaluate"
+    if config.eval_required or config.val_data is not None:
+        hint = ("leave out --eval-split to evaluate every record of it" if config.val_data is not None
+                else "choose one with --eval-split, or --eval-split '' to train without evaluation")
+        raise ValueError(f"{source}: {what}; its splits: {splits} ({hint})")
+    if notify:
+        warnings.warn(f"{source}: {what} (its splits: {splits}); training without evaluation (give --eval-split or "
+                      "--val-data to evaluate)", TrainWarning, stacklevel=2)
+    return []
 
 
 def initial_model(config: TrainConfig) -> DualEncoder:
@@ -113,7 +152,7 @@ def initial_model(config: TrainConfig) -> DualEncoder:
         seed_everything(config.seed, verbose=False)
         return _new_model(config, lambda: index.captions(config.train_split, STREAM_TOKENIZER_CAPTIONS))
     policy = BadSamplePolicy(config.on_bad_sample, progress=config.progress)
-    records = policy.load(config.data, format=config.data_format)
+    records = policy.load(config.data, config.data_options)
     train_records = policy.screen(select_split(records, config.train_split))
     seed_everything(config.seed, verbose=False)
     return _new_model(config, lambda: _captions(train_records))
@@ -211,14 +250,15 @@ def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) ->
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
 
     loader = ImageLoader()
-    policy = BadSamplePolicy(config.on_bad_sample, loader, progress=config.progress)
+    main = fabric.global_rank == 0
+    policy = BadSamplePolicy(config.on_bad_sample, loader, progress=config.progress and main)
     if config.stream:
         index = ShardIndex.scan(config.data, config.train_split)
-        eval_records = select_split(index.held_out, config.eval_split) if config.eval_split else []
+        held_out = eval_records(config, index.held_out, notify=main)
         train_count = index.samples
         captions = lambda: index.captions(config.train_split, STREAM_TOKENIZER_CAPTIONS)  # noqa: E731
     else:
-        train_records, eval_records = _records(config, policy)
+        train_records, held_out = _records(config, policy, notify=main)
         train_count = len(train_records)
         captions = lambda: _captions(train_records)  # noqa: E731
     if resuming and policy.skips and not policy.matches_report(run_dir / SKIP_REPORT):
@@ -293,8 +333,8 @@ def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) ->
                     log.write("train", row)
                 progress.update(task, advance=1, status=f"epoch {epoch + 1} loss {row['loss']:.3f}")
             epoch_done = epoch + 1
-            if fabric.global_rank == 0 and eval_records:
-                metrics = evaluate(model, eval_records, loader, device=fabric.device)
+            if fabric.global_rank == 0 and held_out:
+                metrics = evaluate(model, held_out, loader, device=fabric.device)
                 log.write("eval", {"step": step, "epoch": epoch_done, **_scalars(metrics)})
             if epoch_done % config.save_every == 0 or epoch_done == config.epochs:
                 if fabric.global_rank == 0:
@@ -317,8 +357,8 @@ def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) ->
     if fabric.global_rank == 0:
         with atomic_directory(model_dir) as partial:
             model.save(partial)
-        if eval_records:
-            metrics = evaluate(model, eval_records, loader, device=fabric.device)
+        if held_out:
+            metrics = evaluate(model, held_out, loader, device=fabric.device)
         write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         log.close()
     fabric.barrier()

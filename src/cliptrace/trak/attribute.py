@@ -24,6 +24,7 @@ import torch
 from rich.progress import track
 
 from cliptrace.data.images import ImageLoader, load_record_image
+from cliptrace.data.options import DataOptions
 from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
@@ -33,6 +34,7 @@ from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.notices import CliptraceWarning
 from cliptrace.train.checkpoint import list_checkpoints
+from cliptrace.train.config import run_data_options
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
@@ -147,7 +149,8 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def read_records(
-    data: Sequence[Record] | str | Path, split: str | None, on_bad_sample: str | BadSamplePolicy = "fail"
+    data: Sequence[Record] | str | Path, split: str | None, on_bad_sample: str | BadSamplePolicy = "fail",
+    data_options: DataOptions | None = None,
 ) -> Sequence[Record]:
     """Records from a list (used as given) or a dataset path (only ``split``, when given); an error if none.
 
@@ -159,10 +162,11 @@ def read_records(
             whose image does not decode) with one warning that counts them; a :class:`BadSamplePolicy` collects
             them instead (see :mod:`cliptrace.data.policy`). Training runs the same checks, so the same dataset
             and split give the records a run with the same policy trained on.
+        data_options: How a dataset path is read (format, image root, separator, keys); the defaults when None.
     """
     policy = on_bad_sample if isinstance(on_bad_sample, BadSamplePolicy) else BadSamplePolicy(on_bad_sample)
     if isinstance(data, (str, Path)):
-        records = policy.screen(select_split(policy.load(data), split))
+        records = policy.screen(select_split(policy.load(data, data_options), split))
         if not records:
             raise ValueError(f"{data}: no records" + (f" in split {split!r}" if split else ""))
         if policy is not on_bad_sample and policy.skipped:
@@ -172,6 +176,13 @@ def read_records(
     if not records:
         raise ValueError("no records given")
     return records
+
+
+def source_data_options(model: ModelSource, data_options: DataOptions | None) -> DataOptions | None:
+    """``data_options`` when given; else, for a training run directory, the options it was trained with."""
+    if data_options is not None or isinstance(model, DualEncoder):
+        return data_options
+    return run_data_options(model)
 
 
 def resolve_checkpoints(source: ModelSource, checkpoints: int | Sequence[str | Path] | None) -> list[tuple[str, Any]]:
@@ -392,15 +403,17 @@ def featurize(
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
     ranks: Ranks | None = None,
+    data_options: DataOptions | None = None,
 ) -> FeatureStore:
     """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there).
 
     ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`. With ``ranks`` (e.g. a
     launched :class:`~lightning.fabric.Fabric`, see :mod:`cliptrace.distributed`) every process of the job calls
     this, each featurizes its shard of the rows into the shared store, and rank 0 solves the kernels; the store is
-    the one a single process would write.
+    the one a single process would write. ``data_options`` reads a dataset path ``train``; None: the options of the
+    run ``model`` when it is a training run directory, else the defaults.
     """
-    records = read_records(train, train_split, on_bad_sample)
+    records = read_records(train, train_split, on_bad_sample, source_data_options(model, data_options))
     loader, digest = ImageLoader(), data_fingerprint(records)
     for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
         checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
@@ -436,6 +449,7 @@ def attribute(
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
     ranks: Ranks | None = None,
+    data_options: DataOptions | None = None,
 ) -> Attribution | None:
     """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
 
@@ -474,13 +488,16 @@ def attribute(
         on_bad_sample: For dataset paths: ``"fail"``, ``"skip"`` or a :class:`BadSamplePolicy` (see
             :func:`read_records`).
         ranks: The processes of a distributed job (see :mod:`cliptrace.distributed`); None for one process.
+        data_options: How dataset paths ``train`` and ``targets`` are read; None: the options of the run ``model``
+            when it is a training run directory (its ``config.json``), else the defaults.
     """
     if kernel not in ("trak", "identity"):
         raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
     settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
                                    lambda_reg, batch_size, score_dtype, device, features, layer_dim, other_parameters)
-    train_records = read_records(train, train_split, on_bad_sample)
-    target_records = read_records(targets, target_split, on_bad_sample)
+    data_options = source_data_options(model, data_options)
+    train_records = read_records(train, train_split, on_bad_sample, data_options)
+    target_records = read_records(targets, target_split, on_bad_sample, data_options)
     sources = resolve_checkpoints(model, checkpoints)
     if store_dir is None:
         run = None if isinstance(model, DualEncoder) else Path(model)
