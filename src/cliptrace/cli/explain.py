@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.cli.options import with_data_options
+from cliptrace.data.options import DataOptions
 
 if TYPE_CHECKING:
     from cliptrace.explain.api import MethodFailed
@@ -51,6 +53,7 @@ def _lines(value: Optional[str], path: Optional[Path]) -> list[str] | None:
     return None
 
 
+@with_data_options
 def explain_command(
     model: Annotated[Optional[Path], typer.Option(
         help="Model directory, or a training run (its final model/); not needed with --list-methods.")] = None,
@@ -75,6 +78,7 @@ def explain_command(
     steps: Annotated[int, typer.Option(help="Batch mode: points on each deletion/insertion curve.")] = 16,
     seed: Annotated[int, typer.Option(help="Batch mode: seed of the target sample and the random baseline.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    data_options: DataOptions = DataOptions(),
 ) -> None:
     from cliptrace.evaluate import IMAGENET_TEMPLATES, load_templates
     from cliptrace.explain import method_names
@@ -89,7 +93,8 @@ def explain_command(
         names = _names(method)
         prompts = load_templates(templates) if templates else IMAGENET_TEMPLATES
         if data is not None:
-            _batch(model_directory_of(model), data, split, limit, names, prompts, out, steps, seed, progress)
+            _batch(model_directory_of(model), data, data_options, split, limit, names, prompts, out, steps, seed,
+                   progress)
             return
         if image is None:
             raise ValueError("give --image (and --text or --class), or --data for batch mode")
@@ -140,8 +145,8 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
     _exit_if_failed(failed, names)
 
 
-def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str], templates: Sequence[str],
-           out: Path, steps: int, seed: int, progress: bool) -> None:
+def _batch(model_dir: Path, data: Path, data_options: DataOptions, split: str, limit: int, names: list[str],
+           templates: Sequence[str], out: Path, steps: int, seed: int, progress: bool) -> None:
     import csv
 
     from cliptrace.explain import explain
@@ -151,7 +156,7 @@ def _batch(model_dir: Path, data: Path, split: str, limit: int, names: list[str]
     from cliptrace.models import load_model
 
     model = load_model(model_dir).eval()
-    cases = load_cases(model, data, split=split or None, limit=limit, seed=seed)
+    cases = load_cases(model, data, data_options=data_options, split=split or None, limit=limit, seed=seed)
     rows, failed = [], []
     for name in names:  # one method at a time, so a failing one leaves the others' rows
         try:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records
+from cliptrace.data.options import DataOptions
 from cliptrace.data.record import Record
 from cliptrace.data.shapes import METADATA, load_mask, load_objects
 from cliptrace.evaluate.templates import IMAGENET_TEMPLATES
@@ -63,15 +63,16 @@ class Case:
     mask: torch.Tensor | None = None
 
 
-def load_cases(model: DualEncoder, data: str | Path, *, split: str | None = "test", limit: int = 100,
-               seed: int = 0) -> list[Case]:
-    """Up to ``limit`` cases from a dataset: shapes-world object cases when ``data`` is one, caption cases otherwise.
+def load_cases(model: DualEncoder, data: str | Path, *, data_options: DataOptions | None = None,
+               split: str | None = "test", limit: int = 100, seed: int = 0) -> list[Case]:
+    """Up to ``limit`` cases from a dataset (read with ``data_options``): shapes-world object cases when ``data`` is
+    one, caption cases otherwise.
 
     Raises:
         ValueError: The split holds no usable record.
     """
     data = Path(data)
-    records = [record for record in load_records(data) if not split or record.split == split]
+    records = [record for record in (data_options or DataOptions()).load(data) if not split or record.split == split]
     root = data if data.is_dir() else data.parent
     rng = np.random.default_rng(seed)
     loader = ImageLoader()

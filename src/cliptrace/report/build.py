@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from rich.progress import track
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.options import DataOptions
+from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
 from cliptrace.data.shapes import PLANTED
 from cliptrace.evaluate import evaluate
@@ -36,6 +37,7 @@ from cliptrace.files import write_json_atomic
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
 from cliptrace.notices import CliptraceWarning
+from cliptrace.train.config import run_data_options
 from cliptrace.trak.attribute import Attribution, attribute, data_fingerprint
 from cliptrace.trak.gradients import parameter_fingerprint
 
@@ -87,6 +89,7 @@ def build_report(
     run_dir: str | Path,
     data: str | Path | None = None,
     *,
+    data_options: DataOptions | None = None,
     out: str | Path | None = None,
     targets: Sequence[Record] | None = None,
     n_targets: int = 24,
@@ -106,6 +109,8 @@ def build_report(
     Args:
         run_dir: A ``cliptrace train`` run (its final ``model/`` and ``checkpoints/``).
         data: The dataset it was trained on (default: the one in the run's ``config.json``).
+        data_options: How to read it; default: the run's (its ``config.json``), with the options set here taking
+            over.
         out: The report folder (default: ``RUN/report``); replaced if it exists.
         targets: Records to explain; default: the originals of planted near-duplicates (shapes world), then
             ``n_targets`` records of ``target_split`` drawn with ``seed``.
@@ -129,7 +134,8 @@ def build_report(
     run_dir = Path(run_dir)
     data = Path(data) if data is not None else _run_data(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    records = load_records(data)
+    options = run_data_options(run_dir) or DataOptions()
+    records = options.overridden_by(data_options or DataOptions()).load(data)
     train = select_split(records, "train")
     if not train:
         raise ValueError(f"{data}: no records in split 'train'")

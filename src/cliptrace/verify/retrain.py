@@ -31,7 +31,7 @@ import torch
 from rich.progress import track
 
 from cliptrace.data.images import ImageLoader
-from cliptrace.data.readers import load_records, select_split
+from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate.embed import embed_images, embed_texts
 from cliptrace.files import write_json_atomic
@@ -115,7 +115,7 @@ def create_plan(
     """
     directory, run = Path(directory), Path(run)
     config = TrainConfig.load(run / "config.json")
-    records = load_records(config.data, format=config.data_format)
+    records = config.data_options.load(config.data)
     train_records = select_split(records, config.train_split)
     if config.train_ids is not None:
         raise ValueError(f"{run}: was itself trained on a subset (train_ids); verify the full run instead")
@@ -260,7 +260,7 @@ def _run_job(directory: Path, job: Job) -> None:
         shutil.rmtree(job_dir / "run", ignore_errors=True)
         ids_file.write_text(ids_text, encoding="utf-8")
     result = train(config, resume=(job_dir / "run" / "config.json").is_file())
-    by_id = {record.id: record for record in load_records(config.data, format=config.data_format)}
+    by_id = {record.id: record for record in config.data_options.load(config.data)}
     outputs = target_outputs(load_model(result.model_dir), [by_id[i] for i in plan.target_ids],
                              [by_id[i] for i in plan.bank_ids])
     path = output_path(directory, job.name)
