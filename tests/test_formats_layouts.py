@@ -154,3 +154,15 @@ def test_every_registered_format_is_named_and_checks_its_options(tmp_path: Path)
     for format in REGISTRY:
         with pytest.raises(DatasetError, match=rf"the {format.name} reader takes no option \['colour'\]"):
             load_records(tmp_path, format=format.name, colour="red")
+
+
+def test_data_check_of_a_coco_annotation_file_takes_the_layout_root(coco_root: Path, tmp_path: Path) -> None:
+    from cliptrace.data.check import check_dataset
+
+    report = check_dataset(coco_root / "annotations" / "captions_train2017.json")
+    assert report.problems == [] and report.warnings == []  # train2017/ is inside the dataset root
+    elsewhere = tmp_path / "elsewhere" / "annotations"
+    coco_file(elsewhere / "captions_train2017.json", [(9, "../../coco/train2017/000000000009.jpg")], [(9, "a plate")])
+    warned = check_dataset(elsewhere / "captions_train2017.json").warnings
+    assert [warning.problem for warning in warned] == [
+        f"image {coco_root / 'train2017' / '000000000009.jpg'} is outside the dataset root {elsewhere.parent}"]

@@ -45,11 +45,13 @@ class CheckReport:
 
 def _dataset_root(path: str | Path, image_root: str | Path | None = None) -> str:
     """The absolute directory a dataset's relative image paths are read from: ``image_root`` when given, else the
-    dataset directory, or the directory of the dataset file."""
+    dataset directory, or the directory of the dataset file (the folder above for a file in ``annotations/``, as
+    COCO lays its images out beside that folder)."""
     if image_root is not None:
         return os.path.abspath(image_root)
     path = Path(path)
-    return os.path.abspath(path if path.is_dir() else path.parent)
+    folder = path if path.is_dir() else path.parent
+    return os.path.abspath(folder.parent if folder.name == "annotations" else folder)
 
 
 def _outside_root(path: str | Path, records: list[Record], root: str) -> list[DatasetError]:
