@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -28,7 +29,8 @@ from cliptrace.models import load_model
 
 N_TRAIN, N_VAL = 24, 8
 SIZE = (32, 32)
-FAST = ["--preset", "tiny", "--image-size", "32", "--vocab-size", "300", "--epochs", "1", "--batch-size", "8",
+BATCH = 8
+FAST = ["--preset", "tiny", "--image-size", "32", "--vocab-size", "300", "--epochs", "1", "--batch-size", str(BATCH),
         "--warmup", "1", "--no-progress"]
 HUES = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20),
         "purple": (140, 30, 160), "orange": (240, 140, 20), "cyan": (20, 210, 220), "grey": (128, 128, 128)}
@@ -45,14 +47,17 @@ class Sample:
     split: str  # "train" or "val"
 
     def png(self) -> bytes:
+        """The image encoded as PNG."""
         buffer = io.BytesIO()
         self.picture().save(buffer, format="PNG")
         return buffer.getvalue()
 
     def picture(self) -> Image.Image:
+        """The image: SIZE pixels of its colour."""
         return Image.new("RGB", SIZE, self.color)
 
     def save(self, path: Path) -> Path:
+        """Write the image to ``path`` (format from its suffix), creating its folder."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.picture().save(path)
         return path
@@ -85,6 +90,7 @@ class Layout:
 
 
 def _ids(split: str, name: Callable[[Sample], str] = lambda sample: sample.id) -> list[str]:
+    """The ids (``name`` of each sample) of one split's samples, in order."""
     return [name(sample) for sample in WORLD if sample.split == split]
 
 
@@ -209,6 +215,7 @@ LAYOUTS = [coco_official, karpathy_outside_root, tab_csv, hf_save_to_disk, parqu
 
 
 def _invoke(*args: object) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``cliptrace ARGS``."""
     result = CliRunner().invoke(app, [str(arg) for arg in args])
     return result.exit_code, result.stdout, result.stderr
 
@@ -220,18 +227,25 @@ def test_train_and_eval_through_the_cli(write: Callable[[Path], Layout], tmp_pat
     assert [record.id for record in select_split(records, "train")] == layout.train_ids
     val = select_split(records, "val")
     assert [record.id for record in val] == layout.val_ids and len(val) == N_VAL
+    loader = ImageLoader()
+    for record, sample in zip(val, (sample for sample in WORLD if sample.split == "val")):
+        pixels = np.asarray(loader.load(record.image)).astype(int)
+        assert pixels.shape == (*SIZE, 3) and np.abs(pixels - np.array(sample.color)).max() <= 4  # JPEG in COCO
 
     run = tmp_path / "run"
     code, out, err = _invoke("train", layout.data, "--out", run, *layout.options, *FAST)
     assert code == 0, out + err
-    assert (run / "model").is_dir()
+    assert (run / "model" / "model.safetensors").is_file()
+    with (run / "train.csv").open(newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == N_TRAIN // BATCH  # one epoch over the train split only
     model = load_model(run / "model")
+    expected = evaluate(model, val, ImageLoader())
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(expected)  # the val split after training
 
     code, out, err = _invoke("eval", run, layout.data, "--split", "val", *layout.options, "--no-progress",
                              "--out", tmp_path / "eval.json")
     assert code == 0, out + err
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["n_images"] == N_VAL
-    expected = evaluate(model, val, ImageLoader())
     assert metrics.keys() == expected.keys()
     assert metrics == pytest.approx(expected)
