@@ -200,3 +200,15 @@ def test_outputs_under_a_job_name_are_not_reused_for_other_records(run, tmp_path
     run_jobs(tmp_path / "v", [Job("top", plan.train_ids[:20])])
     with pytest.raises(ValueError, match="run on other training records"):
         run_jobs(tmp_path / "v", [Job("top", plan.train_ids[5:25])])
+
+
+def test_a_plan_written_before_data_options_still_gives_its_jobs_settings(tmp_path) -> None:
+    from cliptrace.verify.retrain import Job, Plan
+
+    old_config = {"data": "data/train.tsv", "out": "runs/a", "data_format": "csv", "epochs": 2}
+    plan = Plan(run="runs/a", config=old_config, train_ids=("a", "b"), target_ids=("c",), bank_ids=())
+
+    config = plan.train_config(tmp_path, Job("subset-0", ("a",)))
+
+    assert config.data_options.format == "csv" and config.epochs == 2 and config.data == "data/train.tsv"
+    assert config.train_ids == str(tmp_path / "jobs" / "subset-0" / "train_ids.txt")

@@ -79,7 +79,7 @@ class Plan:
         """
         ids_file = directory / "jobs" / job.name / "train_ids.txt"
         return dataclasses.replace(
-            TrainConfig(**self.config), out=str(directory / "jobs" / job.name / "run"), model=str(directory / "init"),
+            TrainConfig.from_dict(self.config, str(directory / PLAN)), out=str(directory / "jobs" / job.name / "run"), model=str(directory / "init"),
             train_ids=str(ids_file), eval_split=None, save_every=1, keep_checkpoints=1,
             progress=False,
         )
