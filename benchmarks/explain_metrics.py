@@ -23,9 +23,13 @@ from pathlib import Path
 
 import torch
 
+from cliptrace.evaluate import load_templates
 from cliptrace.explain import method_names
 from cliptrace.explain.evaluation import evaluate_methods, load_cases, sanity_checks, summarize, summary_markdown
 from cliptrace.models import load_model
+
+
+RESULTS_TEMPLATES = ("a {}", "a photo of a {}.")  # the prompts of the recorded results
 
 
 def main() -> None:
@@ -40,6 +44,9 @@ def main() -> None:
     parser.add_argument("--contrast-methods", default="decomposition,chefer,integrated_gradients",
                         help="methods run again with each class contrasted with the mean of all other classes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--templates", type=Path, default=None,
+                        help="class prompt templates, one per line with {} (default: the two the results in "
+                             "RESULTS.md used, 'a {}' and 'a photo of a {}.'; explain's own default is eval's 80)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="directory for metrics.json and summary.md")
     args = parser.parse_args()
@@ -48,16 +55,18 @@ def main() -> None:
     model_dir = args.run / "model" if (args.run / "model").is_dir() else args.run
     model = load_model(model_dir).eval()
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    templates = load_templates(args.templates) if args.templates else RESULTS_TEMPLATES
     cases = load_cases(model, args.world, split=args.split, limit=args.limit, seed=args.seed)
     start = time.perf_counter()
-    rows = evaluate_methods(model, cases, methods, steps=args.steps, progress=True)
+    rows = evaluate_methods(model, cases, methods, steps=args.steps, templates=templates, progress=True)
     contrast = [name.strip() for name in args.contrast_methods.split(",") if name.strip()]
     if contrast:
         classes = json.loads((args.world / "shapes_world.json").read_text())["classes"]
-        for row in evaluate_methods(model, cases, contrast, classes=classes, steps=args.steps, progress=True):
+        for row in evaluate_methods(model, cases, contrast, classes=classes, steps=args.steps,
+                                    templates=templates, progress=True):
             rows.append({**row, "method": f"{row['method']} vs other classes"})
     summary = summarize(rows)
-    sanity = sanity_checks(model, cases[: args.sanity_cases], methods, seed=args.seed)
+    sanity = sanity_checks(model, cases[: args.sanity_cases], methods, seed=args.seed, templates=templates)
     elapsed = time.perf_counter() - start
     print(f"{len(cases)} cases, {len(methods)} methods, {args.steps} curve steps, {elapsed:.0f} s in all")
     print(summary_markdown(summary))
