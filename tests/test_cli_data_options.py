@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import cliptrace.train
 from cliptrace.cli import app
 from cliptrace.data.images import ImageLoader
+from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import load_records
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.evaluate import evaluate
@@ -158,3 +159,11 @@ def test_data_check_and_preview_take_the_same_options(tab_world: tuple[Path, Pat
     code, out, err = _invoke("data", "preview", train_file, "--sep", "tab", "--out", tmp_path / "sheet.png", "--n", "4")
     assert code == 0, out + err
     assert (tmp_path / "sheet.png").is_file()
+
+
+def test_a_runs_data_options_are_found_and_a_model_directory_has_none(tab_run: Path) -> None:
+    from cliptrace.train.config import run_data_options
+
+    assert run_data_options(tab_run) == DataOptions(sep="\t")
+    assert (tab_run / "model" / "config.json").is_file()  # HuggingFace's config, not a training run's
+    assert run_data_options(tab_run / "model") is None

@@ -13,7 +13,7 @@ from rich.text import Text
 from cliptrace.cli.errors import reported_errors
 from cliptrace.cli.options import with_data_options
 from cliptrace.data.options import DataOptions
-from cliptrace.train.config import TrainConfig
+from cliptrace.train.config import run_config
 from cliptrace.train.run_dir import CONFIG
 
 console = Console()
@@ -79,11 +79,10 @@ def _run_data(run: Path, data: Path | None, given: DataOptions) -> tuple[Path, D
     Raises:
         ValueError: No DATA and RUN is not a training run.
     """
-    config_path = run / CONFIG
-    stored = TrainConfig.load(config_path) if config_path.is_file() else None
+    stored = run_config(run)
     if data is None:
         if stored is None:
-            raise ValueError(f"{run}: not a training run (no {CONFIG}); give the training dataset DATA")
+            raise ValueError(f"{run}: not a training run (no {CONFIG} of one); give the training dataset DATA")
         data = Path(stored.data)
     return data, stored.data_options.overridden_by(given) if stored is not None else given
 

@@ -232,11 +232,21 @@ def _dataset_target(data: str, data_format: str) -> str:
     return str(path.resolve())
 
 
-def run_data_options(run: str | Path) -> DataOptions | None:
-    """The data options a training run was trained with (its ``config.json``); None when ``run`` holds no config.
+def run_config(run: str | Path) -> TrainConfig | None:
+    """The config of the training run ``run`` (its ``config.json``); None when ``run`` is no training run (no
+    ``config.json``, or one of a model directory: HuggingFace's, which names no ``data`` and ``out``).
 
     Raises:
         ValueError: The run's ``config.json`` is unreadable.
     """
     path = Path(run) / "config.json"
-    return TrainConfig.load(path).data_options if path.is_file() else None
+    if not path.is_file() or not {"data", "out"} <= set(TrainConfig._read(path)):
+        return None
+    return TrainConfig.load(path)
+
+
+def run_data_options(run: str | Path) -> DataOptions | None:
+    """The data options the training run ``run`` was trained with; None when it is no training run (see
+    :func:`run_config`)."""
+    config = run_config(run)
+    return None if config is None else config.data_options
