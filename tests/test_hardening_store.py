@@ -18,6 +18,7 @@ from cliptrace.cli import app
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.models import HFCLIP, train_tokenizer
+from cliptrace.trak import store as store_module
 from cliptrace.trak.store import FeatureStore, StoreDamagedError
 
 OPTIONS = ["--proj-dim", "16", "--bank-size", "16", "--batch-size", "8", "--no-progress",
@@ -216,6 +217,29 @@ def test_the_store_api_raises_store_damaged_with_the_lost_rows(tmp_path: Path) -
     assert caught.value.rows == list(range(first_lost, 10))
     assert store.missing("a").tolist() == list(range(first_lost, 10))  # repaired: the file is whole again
     assert np.load(path).shape == (10, 3) and (np.load(path)[:first_lost] == 1).all()
+
+
+def test_rows_are_checked_once_per_instance_and_again_after_a_change(tmp_path: Path, monkeypatch) -> None:
+    store = FeatureStore(tmp_path / "store", 10, 3, {"featurizer": "test"})
+    store.add_checkpoint("a", "fp")
+    store.write("a", np.arange(10), np.ones((10, 3), np.float32), np.ones(10, np.float32))
+    store.release()
+    passes = []
+    check = store_module._non_finite_rows
+    monkeypatch.setattr(store_module, "_non_finite_rows", lambda *args: passes.append(1) or check(*args))
+    store.features("a")
+    store.features("a")
+    assert len(passes) == 1  # scoring after solving reads the rows once more, but checks them once
+    path = tmp_path / "store" / "checkpoints" / "a" / "features.npy"
+    rows = np.load(path, mmap_mode="r+")
+    rows[4, 1] = np.nan
+    rows.flush()
+    del rows
+    later = path.stat().st_mtime_ns + 1_000_000_000  # the edit comes later than the check (coarse clocks)
+    os.utime(path, ns=(later, later))
+    with pytest.raises(StoreDamagedError, match=r"features.npy: 1 of 10 rows \(index 4\) are NaN or infinite"):
+        store.features("a")
+    assert len(passes) == 2 and store.missing("a").tolist() == [4]
 
 
 def test_a_damaged_store_held_by_another_writer_is_named_but_left_alone(tmp_path: Path) -> None:

@@ -272,6 +272,7 @@ class FeatureStore:
         self.directory = Path(directory)
         self.train_size, self.proj_dim, self.dtype = train_size, proj_dim, np.dtype(dtype)
         self._claims: dict[str, _Claim] = {}
+        self._finite: dict[str, tuple[tuple[int, int], ...]] = {}  # checkpoint -> (mtime_ns, size) of checked files
         requested = json.loads(json.dumps({"train_size": train_size, "proj_dim": proj_dim, "dtype": dtype, **settings}))
         manifest_path = self.directory / MANIFEST
         self._check_is_store()
@@ -587,6 +588,8 @@ class FeatureStore:
     def features(self, checkpoint: str) -> tuple[np.ndarray, np.ndarray]:
         """``(features (n, k), loss weights (n,))`` of a fully featurized checkpoint (read-only memory maps).
 
+        The rows are checked for NaN and infinite values once per instance, and again when the files change.
+
         Raises:
             StoreDamagedError: A file is damaged, or some rows are NaN or infinite; those rows are now marked as
                 not featurized (see the module notes).
@@ -594,6 +597,10 @@ class FeatureStore:
         folder = self._require_complete(checkpoint)
         features = np.load(folder / "features.npy", mmap_mode="r")
         loss_weights = np.load(folder / "loss_weights.npy", mmap_mode="r")
+        stamp = tuple((stat.st_mtime_ns, stat.st_size) for stat in
+                      ((folder / name).stat() for name in ("features.npy", "loss_weights.npy")))
+        if self._finite.get(checkpoint) == stamp:  # checked by this instance and unchanged since: read once
+            return features, loss_weights
         bad = _non_finite_rows(features, loss_weights)
         if bad.size:
             name = "features.npy" if not np.isfinite(features[bad]).all() else "loss_weights.npy"
@@ -602,6 +609,7 @@ class FeatureStore:
                 self._unmark(folder, bad)
             raise StoreDamagedError(f"{message}; they are marked as not featurized: rerun the same command to "
                                     "recompute them", bad)
+        self._finite[checkpoint] = stamp
         return features, loss_weights
 
     def save_kernel(self, checkpoint: str, matrix: np.ndarray) -> None:
