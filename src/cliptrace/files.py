@@ -9,6 +9,7 @@ the umask gives (as ``open`` would), not ``mkstemp``'s 0600.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,12 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.format import open_memmap
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's contents, read in chunks."""
+    with Path(path).open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _fsync(path: Path) -> None:

@@ -9,7 +9,6 @@ they still load as models, but resuming from one is refused, since unpickling a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -19,7 +18,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from cliptrace.files import atomic_directory
+from cliptrace.files import atomic_directory, file_sha256
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
 from cliptrace.train.run_dir import RunWarning
@@ -58,16 +57,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda path: int(_CHECKPOINT_NAME.match(path.name).group(1)))
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
-
-
 def _write_manifest(directory: Path) -> None:
     """Record the size and sha256 of every file under ``directory`` in its manifest."""
     files = sorted(path for path in directory.rglob("*") if path.is_file())
     entries = {
-        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
         for path in files
     }
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": entries}
@@ -124,7 +118,7 @@ def verify_checkpoint(directory: Path) -> None:
             raise ValueError(f"{path}: missing (listed in {MANIFEST})")
         if path.stat().st_size != size:
             raise ValueError(f"{path}: {path.stat().st_size} bytes, but {size} were written (truncated or replaced)")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ValueError(f"{path}: its contents changed since it was written (sha256 differs from {MANIFEST})")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import dataset_path
 from cliptrace.data.policy import check_policy
 from cliptrace.data.record import DatasetError
-from cliptrace.files import write_text_atomic
+from cliptrace.files import file_sha256, write_text_atomic
 
 # Settings that may differ when a run is resumed; every other setting must match the stored run. ``out`` is where
 # the run is now, so a run directory may be moved or copied and resumed there.
@@ -189,7 +188,7 @@ class TrainConfig:
         train_ids = None
         if self.train_ids is not None:
             try:
-                train_ids = "sha256:" + hashlib.sha256(Path(self.train_ids).read_bytes()).hexdigest()
+                train_ids = "sha256:" + file_sha256(self.train_ids)
             except OSError:
                 train_ids = str(Path(self.train_ids).resolve())
         return {
