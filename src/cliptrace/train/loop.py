@@ -28,7 +28,6 @@ from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
-from cliptrace.notices import CliptraceWarning
 from cliptrace.train.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -40,13 +39,9 @@ from cliptrace.train.config import TrainConfig
 from cliptrace.train.loss import contrastive_loss
 from cliptrace.train.metrics_log import MetricsLog
 from cliptrace.train.optim import build_optimizer
-from cliptrace.train.run_dir import CONFIG, check_run_dir, locked_run_dir
+from cliptrace.train.run_dir import CONFIG, RunWarning, check_run_dir, locked_run_dir
 
 STREAM_TOKENIZER_CAPTIONS = 200_000  # captions a new model's tokenizer is trained on when streaming
-
-
-class TrainWarning(CliptraceWarning):
-    """Something about a training run its user should know before it ends: e.g. that it is not evaluated."""
 
 
 @dataclass
@@ -138,7 +133,7 @@ def eval_records(config: TrainConfig, records: Sequence[Record], notify: bool = 
         raise ValueError(f"{source}: {what}; its splits: {splits} ({hint})")
     if notify:
         warnings.warn(f"{source}: {what} (its splits: {splits}); training without evaluation (give --eval-split or "
-                      "--val-data to evaluate)", TrainWarning, stacklevel=2)
+                      "--val-data to evaluate)", RunWarning, stacklevel=2)
     return []
 
 

@@ -35,8 +35,8 @@ class RunBusyError(OSError):
 
 
 class RunWarning(CliptraceWarning):
-    """Something a run did on its own that its user should know: a damaged checkpoint passed over, leftovers
-    of a killed run removed."""
+    """Something about a run that its user should know: a damaged checkpoint passed over, leftovers of a killed run
+    removed, no eval split to evaluate on."""
 
 
 @contextmanager
