@@ -84,9 +84,8 @@ def train_command(
     from cliptrace.train import train
 
     with reported_errors():
-        stored = run_data_options(out) if resume else None
-        if stored is not None:  # a resumed run reads its data as it did; options given must agree with them
-            data_options = stored.overridden_by(data_options)
+        if resume:  # a resumed run reads its data as it did; options given must agree with them
+            data_options = run_data_options(out, data_options)
         config = TrainConfig(
             data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
             image_size=image_size, vocab_size=vocab_size, data_options=data_options, train_split=train_split,

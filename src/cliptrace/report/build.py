@@ -134,8 +134,7 @@ def build_report(
     run_dir = Path(run_dir)
     data = Path(data) if data is not None else _run_data(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    options = run_data_options(run_dir) or DataOptions()
-    records = options.overridden_by(data_options or DataOptions()).load(data)
+    records = (run_data_options(run_dir, data_options) or DataOptions()).load(data)
     train = select_split(records, "train")
     if not train:
         raise ValueError(f"{data}: no records in split 'train'")

@@ -244,8 +244,10 @@ def run_config(run: str | Path) -> TrainConfig | None:
     return TrainConfig.load(path)
 
 
-def run_data_options(run: str | Path) -> DataOptions | None:
-    """The data options the training run ``run`` was trained with; None when it is no training run (see
-    :func:`run_config`)."""
+def run_data_options(run: str | Path, given: DataOptions | None = None) -> DataOptions | None:
+    """The data options the training run ``run`` was trained with, every option set in ``given`` taking over;
+    ``given`` itself when ``run`` is no training run (see :func:`run_config`)."""
     config = run_config(run)
-    return None if config is None else config.data_options
+    if config is None:
+        return given
+    return config.data_options if given is None else config.data_options.overridden_by(given)

@@ -179,10 +179,9 @@ def read_records(
 
 
 def source_data_options(model: ModelSource, data_options: DataOptions | None) -> DataOptions | None:
-    """``data_options`` when given; else, for a training run directory, the options it was trained with."""
-    if data_options is not None or isinstance(model, DualEncoder):
-        return data_options
-    return run_data_options(model)
+    """For a training run directory, the options it was trained with, those set in ``data_options`` taking over (as
+    on the command line); else ``data_options``."""
+    return data_options if isinstance(model, DualEncoder) else run_data_options(model, data_options)
 
 
 def resolve_checkpoints(source: ModelSource, checkpoints: int | Sequence[str | Path] | None) -> list[tuple[str, Any]]:
@@ -410,8 +409,8 @@ def featurize(
     ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`. With ``ranks`` (e.g. a
     launched :class:`~lightning.fabric.Fabric`, see :mod:`cliptrace.distributed`) every process of the job calls
     this, each featurizes its shard of the rows into the shared store, and rank 0 solves the kernels; the store is
-    the one a single process would write. ``data_options`` reads a dataset path ``train``; None: the options of the
-    run ``model`` when it is a training run directory, else the defaults.
+    the one a single process would write. ``data_options`` reads a dataset path ``train``: for a training run
+    directory ``model``, its options with those set here taking over (see :func:`source_data_options`).
     """
     records = read_records(train, train_split, on_bad_sample, source_data_options(model, data_options))
     loader, digest = ImageLoader(), data_fingerprint(records)
@@ -488,8 +487,8 @@ def attribute(
         on_bad_sample: For dataset paths: ``"fail"``, ``"skip"`` or a :class:`BadSamplePolicy` (see
             :func:`read_records`).
         ranks: The processes of a distributed job (see :mod:`cliptrace.distributed`); None for one process.
-        data_options: How dataset paths ``train`` and ``targets`` are read; None: the options of the run ``model``
-            when it is a training run directory (its ``config.json``), else the defaults.
+        data_options: How dataset paths ``train`` and ``targets`` are read: for a training run directory ``model``,
+            its options (its ``config.json``) with those set here taking over, else these (the defaults when None).
     """
     if kernel not in ("trak", "identity"):
         raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
