@@ -347,3 +347,24 @@ def test_a_broken_lds_json_is_named_before_the_report_is_computed(world, report_
     message = _error("report", report_run, "--data", world["data"], "--no-progress")
     assert message.startswith(f"error: {path}: ")
     assert not (report_run / "report").exists()
+
+
+def test_saving_attributions_clears_what_a_killed_save_left(tmp_path: Path) -> None:
+    from cliptrace.data.record import Record
+    from cliptrace.trak.attribute import Attribution
+    from cliptrace.trak.scoring import TopK
+
+    out = tmp_path / "out"
+    out.mkdir()
+    left = [out / ".scores.0123456789abcdef.tmp.npy", out / ".topk.0123456789abcdef.tmp.csv"]
+    for path in left:
+        path.write_bytes(b"half")  # as a save killed before its renames leaves them
+    mine = out / ".notes.0123456789abcdef.tmp.txt"  # not a temporary of an attribution output
+    mine.write_text("kept")
+    records = [Record(str(i), f"{i}.png", (f"caption {i}",), "train") for i in range(3)]
+    top = TopK(torch.tensor([[2]]), torch.tensor([[0.5]]), torch.tensor([[0]]), torch.tensor([[-0.5]]))
+    Attribution(train=records, targets=records[:1], top=top, self_influence=np.ones(3),
+                scores=np.arange(3, dtype=np.float32)[:, None], checkpoints=["ck"]).save(out)
+    assert not any(path.exists() for path in left) and mine.exists()
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".notes.0123456789abcdef.tmp.txt", "ids.json", "scores.npy", "self_influence.csv", "topk.csv", "topk.json"]

@@ -202,3 +202,21 @@ def test_a_store_another_process_creates_meanwhile_is_not_taken_for_a_foreign_di
     monkeypatch.setattr(Path, "iterdir", create_then_list)
     store = _store(directory)
     assert racing and store.checkpoint_ids() == ["ck"]
+
+
+def test_the_only_writer_clears_what_killed_writers_left(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.add_checkpoint("ck", "fp")
+    store.release()
+    folder = tmp_path / "checkpoints" / "ck"
+    left = [folder / ".kernel.0123456789abcdef.tmp.npy", tmp_path / ".manifest.0123456789abcdef.tmp.json"]
+    for path in left:
+        path.write_bytes(b"half")  # as a writer killed inside an atomic write leaves it
+    shard_writer = _store(tmp_path)  # opening the store takes the manifest lock: the manifest's temporary goes
+    assert not left[1].exists() and left[0].exists()
+    shard_writer.claim("ck", shard=(0, 2))  # a shard writer shares the folder with others: it leaves it
+    assert left[0].exists()
+    shard_writer.release()
+    _store(tmp_path).claim("ck")
+    assert not left[0].exists()
+    assert sorted(path.name for path in folder.iterdir() if path.name.startswith(".")) == []

@@ -29,7 +29,7 @@ from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.data.readers import select_split
 from cliptrace.data.record import Record
 from cliptrace.distributed import Ranks, barrier, is_main, shard_of
-from cliptrace.files import atomic_file, write_json
+from cliptrace.files import atomic_file, remove_temporaries, write_json
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import load_model
 from cliptrace.notices import CliptraceWarning
@@ -115,10 +115,14 @@ class Attribution:
         Every file is first written under a temporary name; only when all are written (so a full disk leaves the
         earlier outputs as they were) is ``ids.json`` removed, the files renamed into place and ``ids.json``
         renamed last: a folder that holds ``ids.json`` holds a complete, consistent set. A ``scores.npy`` of an
-        earlier run is removed when there are no scores.
+        earlier run is removed when there are no scores. The temporaries of these files that a killed save left are
+        removed first.
         """
         directory = Path(directory)
         top_rows = self.top_k_rows()
+        names = ("ids.json", "topk.csv", "self_influence.csv", "topk.json", "scores.npy")
+        if directory.is_dir():
+            remove_temporaries(directory, names=names)  # what a save killed before its renames left
         with ExitStack() as renames:
             files = {name: renames.enter_context(atomic_file(directory / name))
                      for name in ("ids.json", "topk.csv", "self_influence.csv", "topk.json")}

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.format import open_memmap
 
-from cliptrace.files import create_npy_atomic, save_npy_atomic, write_json_atomic
+from cliptrace.files import create_npy_atomic, remove_temporaries, save_npy_atomic, write_json_atomic
 from cliptrace.locks import FileLock, holder_note
 
 STORE_FORMAT = "cliptrace.trak.feature_store"
@@ -305,9 +305,11 @@ class FeatureStore:
 
     @contextmanager
     def _manifest_lock(self) -> Iterator[None]:
-        """Hold the store's manifest lock (waiting for it) for the length of the block."""
+        """Hold the store's manifest lock (waiting for it) for the length of the block; the temporary manifests of
+        killed writers go first."""
         lock = FileLock(self.directory / MANIFEST_LOCK, exclusive=True, wait=True)
         try:
+            remove_temporaries(self.directory, names=(MANIFEST,))
             yield
         finally:
             lock.release()
@@ -426,6 +428,8 @@ class FeatureStore:
             except BlockingIOError:
                 locks[0].release()
                 raise _busy(f"shard {shard[0]} of {shard[1]} of {name}", lock) from None
+        else:  # the only writer of the checkpoint: what killed writers left in its folder goes
+            remove_temporaries(folder)
         self._claims[checkpoint] = _Claim(shard, rows, locks)
         return rows
 
