@@ -1,35 +1,41 @@
-r"""Choosing the ridge damping of the kernel regression without retraining, or from existing subset models.
+r"""Choosing the kernel's ridge term without retraining: generalized cross-validation, or held-out LDS.
 
-The ridge term is relative to the scale of the features: λ = c · s with s = mean diag(XᵀX) = ‖X‖²_F / k
-(:func:`feature_scale`), and c the *damping*, picked from the log-spaced :data:`DAMPING_GRID`.
+The ridge term of the kernel (XᵀX + λI)⁻¹ is set relative to the scale of the features: λ = c · s with
+s = mean diag(XᵀX) = ‖X‖²_F / k and c the *damping*. Both criteria here pick c from the fixed log-spaced
+:data:`DAMPING_GRID` and return a :class:`DampingChoice`.
 
-* :func:`gcv_damping` — generalized cross-validation (Golub, Heath & Wahba 1979) of the ridge regression of a
-  response y on X: GCV(λ) = n‖(I − H_λ)y‖² / tr(I − H_λ)² with H_λ = X(XᵀX + λI)⁻¹Xᵀ, an estimate of the
-  leave-one-out prediction error that needs no refitting. Every grid value comes from one eigendecomposition
-  in float64: of the k × k Gram XᵀX (summed over row blocks, :func:`~cliptrace.trak.scoring.gram_matrix`) when
-  k ≤ n, of the n × n XXᵀ when k > n. With eigenvalues s_j and coordinates z_j of y on the left singular
-  vectors u_j (z_j² = (v_jᵀXᵀy)² / s_j from XᵀX; z_j = u_jᵀy from XXᵀ)::
+**GCV** (:func:`gcv_damping`; Golub, Heath & Wahba 1979, "Generalized cross-validation as a method for choosing a
+good ridge parameter") scores the ridge regression of a response y (n) on X (n × k) by
 
-      ‖(I − H_λ)y‖² = ‖y − Py‖² + Σ_j (λ / (s_j + λ))² z_j²        tr(I − H_λ) = n − Σ_j s_j / (s_j + λ)
+    GCV(λ) = n ‖(I − H_λ) y‖² / tr(I − H_λ)²,      H_λ = X (XᵀX + λI)⁻¹ Xᵀ,
 
-  with P the projection onto the column space of X (‖y − Py‖² = ‖y‖² − Σ_j z_j²).
-* :func:`loss_weight_response` — the response when there is no other: the logit of each training pair's own
-  probability p_i = 1 − Q_i, i.e. its margin against the bank of negatives, the output function whose gradients
-  the features are.
-* :func:`lds_damping` — the damping whose scores have the highest mean linear datamodeling score on the models
-  that ``cliptrace verify lds`` has already trained on random subsets.
+a rotation-invariant form of leave-one-out error. With the eigendecomposition XᵀX = V diag(e) Vᵀ (k ≤ n; the
+Gram is summed over row blocks by :func:`~cliptrace.trak.scoring.gram_matrix`) and b = Vᵀ Xᵀy, every grid value
+costs O(k)::
 
-Both choices break ties (and a flat criterion) the same way: the best criterion value, then the larger damping
-among values equal to it up to a relative :data:`TIE_TOLERANCE`.
+    ‖(I − H_λ) y‖² = ‖y‖² − Σ_j b_j² (e_j + 2λ) / (e_j + λ)²,      tr(I − H_λ) = n − Σ_j e_j / (e_j + λ).
+
+When k > n the n × n XXᵀ = U diag(e) Uᵀ is decomposed instead, with z = Uᵀy::
+
+    ‖(I − H_λ) y‖² = Σ_j z_j² λ² / (e_j + λ)²,                    tr(I − H_λ) = Σ_j λ / (e_j + λ).
+
+Everything is computed in float64; no n × n matrix is formed when k ≤ n. Without another response,
+:func:`loss_weight_response` turns the loss weights Q into the training pairs' own margins.
+
+**Held-out LDS** (:func:`lds_damping`) needs the subset models of ``cliptrace verify lds``: each grid value's
+scores are rated by the linear datamodeling score (:func:`~cliptrace.verify.lds.linear_datamodeling_score`), and
+the largest mean LDS wins.
+
+**Ties.** Criterion values within a relative :data:`TIE_RTOL` of the best one are ties (summing the Gram in
+another row order moves GCV by rounding only), and among ties the larger damping wins, so a flat criterion picks
+the largest grid value and the choice does not depend on the order of the rows.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -37,156 +43,149 @@ import torch
 from cliptrace.trak.scoring import BLOCK_ROWS, Rows, gram_matrix, read_rows
 from cliptrace.verify.lds import linear_datamodeling_score
 
-DAMPING_GRID: tuple[float, ...] = tuple(float(f"1e{exponent / 2:g}") for exponent in range(-8, 3))
-"""Relative damping values c (λ = c · mean diag(XᵀX)): 1e-4 to 1e1 in half decades, 11 values."""
+DAMPING_GRID: tuple[float, ...] = tuple(float(10.0 ** (exponent / 2)) for exponent in range(-8, 3))
+"""Relative damping values c tried by default: 11 values, half a decade apart, 1e-4 … 1e1 (λ = c · mean diag XᵀX)."""
 
-TIE_TOLERANCE = 1e-9
-"""Criterion values within this relative distance of the best count as tied (the larger damping wins)."""
+TIE_RTOL = 1e-9
+"""Criterion values within this relative distance of the best value count as ties (the larger damping wins)."""
 
-PROBABILITY_FLOOR = 1e-6
-""":func:`loss_weight_response` clips p into [floor, 1 − floor]: a logit of at most ±13.8."""
+RESPONSE_CLIP = 1e-6
+""":func:`loss_weight_response` clips Q into [RESPONSE_CLIP, 1 − RESPONSE_CLIP]: margins stay within ±13.8."""
 
-_CRITERIA = {"gcv": "min", "lds": "max"}
+CRITERIA = {"gcv": "minimum", "lds": "maximum"}
+"""The criteria of a :class:`DampingChoice`, and whether the best value is their minimum or maximum."""
 
 
 @dataclass(frozen=True)
 class DampingChoice:
-    """A damping picked from a grid by a criterion.
+    """A damping chosen from a grid by a criterion.
 
     Attributes:
+        criterion: ``"gcv"`` (smaller is better) or ``"lds"`` (mean LDS, larger is better).
         damping: The chosen relative damping c.
-        lambda_reg: The absolute ridge term it means, c · mean diag(XᵀX); None where the scale was not known.
-        criterion: Name of the criterion: ``"gcv"`` (lower is better) or ``"lds"`` (higher is better).
-        values: The criterion at each grid value, in grid order (NaN where it is undefined).
+        lambda_reg: The absolute ridge term λ = c · mean diag(XᵀX) it means; None where the features' scale was
+            not given (:func:`lds_damping` without ``scale``).
+        grid: The relative damping values tried, increasing.
+        values: The criterion at each grid value.
     """
 
+    criterion: str
     damping: float
     lambda_reg: float | None
-    criterion: str
-    values: Mapping[float, float]
+    grid: tuple[float, ...]
+    values: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown damping criterion {self.criterion!r}; expected one of {sorted(CRITERIA)}")
+        if len(self.grid) != len(self.values):
+            raise ValueError(f"a damping choice over {len(self.grid)} grid values has {len(self.values)} criterion "
+                             f"values")
+        if self.damping not in self.grid:
+            raise ValueError(f"the chosen damping {self.damping!r} is not one of the grid values {self.grid}")
+
+    @property
+    def at_edge(self) -> bool:
+        """True where the choice is the smallest or largest grid value (the best damping may lie beyond the grid)."""
+        return len(self.grid) > 1 and self.damping in (self.grid[0], self.grid[-1])
+
+    def describe(self) -> str:
+        """One line, e.g. ``"damping 0.01 (λ=2.37) by GCV, minimum 1.04 over 11 values 0.0001…10"``."""
+        best = self.values[self.grid.index(self.damping)]
+        text = f"damping {self.damping:.3g}"
+        if self.lambda_reg is not None:
+            text += f" (λ={self.lambda_reg:.3g})"
+        text += (f" by {self.criterion.upper()}, {CRITERIA[self.criterion]} {best:.4g} over {len(self.grid)} values "
+                 f"{self.grid[0]:.3g}…{self.grid[-1]:.3g}")
+        return text + (", at the edge of the grid" if self.at_edge else "")
 
     def to_json(self) -> str:
-        """The choice as a JSON object (undefined criterion values as null)."""
-        return json.dumps({
-            "damping": self.damping,
-            "lambda_reg": self.lambda_reg,
-            "criterion": self.criterion,
-            "values": [[c, None if math.isnan(v) else v] for c, v in self.values.items()],
-        })
+        """The choice as a JSON object (read back by :meth:`from_json`)."""
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> DampingChoice:
         """The choice that :meth:`to_json` wrote.
 
         Raises:
-            ValueError: ``text`` is not such an object.
+            ValueError: ``text`` is not such a JSON object.
         """
         try:
             data = json.loads(text)
-            values = {float(c): math.nan if v is None else float(v) for c, v in data["values"]}
-            lambda_reg = None if data["lambda_reg"] is None else float(data["lambda_reg"])
-            choice = cls(float(data["damping"]), lambda_reg, str(data["criterion"]), values)
-        except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"not a stored damping choice: {error}") from error
-        if choice.criterion not in _CRITERIA or choice.damping not in choice.values:
-            raise ValueError(f"not a stored damping choice: criterion {choice.criterion!r}, damping {choice.damping}")
-        return choice
-
-    def describe(self) -> str:
-        """One line, e.g. ``"damping 0.01 (λ=3.2) by gcv over 11 values 0.0001…10 (gcv 0.81)"``."""
-        scale = "" if self.lambda_reg is None else f" (λ={self.lambda_reg:.3g})"
-        grid = list(self.values)
-        return (f"damping {self.damping:g}{scale} by {self.criterion} over {len(grid)} values "
-                f"{min(grid):g}…{max(grid):g} ({self.criterion} {self.values[self.damping]:.4g})")
+            return cls(str(data["criterion"]), float(data["damping"]),
+                       None if data["lambda_reg"] is None else float(data["lambda_reg"]),
+                       tuple(float(value) for value in data["grid"]), tuple(float(value) for value in data["values"]))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"not a stored damping choice ({type(error).__name__}: {error}): {text[:200]!r}") from None
 
 
-def feature_scale(features: Rows, block_rows: int = BLOCK_ROWS) -> float:
-    """mean diag(XᵀX) = ‖X‖²_F / k of training features X (n × k), read ``block_rows`` rows at a time, in float64.
+def loss_weight_response(loss_weights: Rows) -> np.ndarray:
+    """The default GCV response: each training pair's margin logit(p) = log((1 − Q) / Q), float64.
+
+    p = 1 − Q is the model's probability of the pair's correct match against the bank, so logit(p) is the pair's
+    own margin against the bank, the quantity whose gradients TRAK linearizes. Q is clipped into
+    [:data:`RESPONSE_CLIP`, 1 − RESPONSE_CLIP] first: a saturated softmax stores Q = 0 or 1 exactly (float32),
+    which would give an infinite margin.
 
     Raises:
-        ValueError: X is not 2-D, is empty, or is all zero or non-finite.
+        ValueError: Q is not 1-D, or has values that are NaN or outside [0, 1].
     """
-    _check_features(features)
-    total = 0.0
-    for start in range(0, features.shape[0], block_rows):
-        total += float(read_rows(features, start, min(start + block_rows, features.shape[0])).double().square().sum())
-    return _checked_scale(total / features.shape[1])
-
-
-def loss_weight_response(loss_weights: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The GCV response from TRAK loss weights Q: logit(p) = log((1 − Q) / Q), with p = 1 − Q clipped.
-
-    p is the model's probability of a training pair's correct match against the bank of negatives, so logit(p)
-    is that pair's own margin: the output function that TRAK linearizes, whose gradients are the features. A
-    pair the model fits perfectly has Q = 0 in float32 and an infinite margin, so p is clipped into
-    [:data:`PROBABILITY_FLOOR`, 1 − :data:`PROBABILITY_FLOOR`] to keep such pairs from dominating the fit.
-
-    Returns:
-        (n,) float64.
-
-    Raises:
-        ValueError: Q is not 1-D, or has values outside [0, 1] (NaN included).
-    """
-    q = (loss_weights.detach().cpu().double().numpy() if isinstance(loss_weights, torch.Tensor)
-         else np.asarray(loss_weights, dtype=np.float64))
-    if q.ndim != 1:
-        raise ValueError(f"loss_weights must be 1-D (one per training pair), got shape {q.shape}")
-    if not ((q >= 0) & (q <= 1)).all():
-        raise ValueError("loss_weights must lie in [0, 1] (Q = 1 − p), got NaN or values outside")
-    p = np.clip(1 - q, PROBABILITY_FLOOR, 1 - PROBABILITY_FLOOR)
-    return np.log(p) - np.log1p(-p)
+    if len(loss_weights.shape) != 1:
+        raise ValueError(f"loss weights must be 1-D (one per training pair), got shape {tuple(loss_weights.shape)}")
+    q = read_rows(loss_weights, 0, loss_weights.shape[0]).to(torch.float64).numpy()
+    if np.isnan(q).any() or (q < 0).any() or (q > 1).any():
+        raise ValueError("loss weights must lie in [0, 1] (Q = 1 − p); got NaN or values outside it")
+    q = np.clip(q, RESPONSE_CLIP, 1 - RESPONSE_CLIP)
+    return np.log1p(-q) - np.log(q)
 
 
 def gcv_damping(
-    features: Rows,
-    response: np.ndarray | torch.Tensor,
-    grid: Sequence[float] = DAMPING_GRID,
-    block_rows: int = BLOCK_ROWS,
+    features: Rows, response: Rows, grid: Sequence[float] = DAMPING_GRID, block_rows: int = BLOCK_ROWS
 ) -> DampingChoice:
-    """The damping of ``grid`` with the lowest generalized cross-validation error of ridge regression of y on X.
+    """The damping of the grid with the smallest GCV of the ridge regression of ``response`` on ``features``.
 
     Args:
-        features: X (n × k); a memory map is read ``block_rows`` rows at a time when k ≤ n (all of it when k > n).
-        response: y (n,), e.g. :func:`loss_weight_response` of the loss weights.
-        grid: Relative damping values c; each means λ = c · mean diag(XᵀX).
-        block_rows: Rows of X per block.
+        features: X (n × k), e.g. a checkpoint's training features; a ``.npy`` memory map is read ``block_rows``
+            rows at a time (twice when k ≤ n: for XᵀX, then for Xᵀy).
+        response: y (n), e.g. :func:`loss_weight_response` of the checkpoint's loss weights.
+        grid: Relative damping values c, positive and increasing.
+        block_rows: Rows of X read at once.
 
     Raises:
-        ValueError: X is not 2-D, empty, all zero or non-finite; y is not (n,), not finite, or constant; the grid
-            is empty or has values that are not positive and finite.
+        ValueError: The shapes disagree, y is constant or not finite, X is all zeros or not finite, or the grid is
+            not positive and increasing.
     """
-    _check_features(features)
-    dampings = _checked_grid(grid)
+    values = _grid(grid)
     n, k = features.shape
-    y = _checked_response(response, n)
+    y = _response(response, n)
     if k <= n:
-        gram = gram_matrix(features, torch.float64, "cpu", block_rows)
-        cross = torch.zeros(k, dtype=torch.float64)
+        gram = gram_matrix(features, torch.float64, block_rows=block_rows)
+        _check_finite(gram)
+        moment = torch.zeros(k, dtype=torch.float64)
         for start in range(0, n, block_rows):
             stop = min(start + block_rows, n)
-            cross += read_rows(features, start, stop).double().T @ y[start:stop]
+            moment += read_rows(features, start, stop).to(torch.float64).T @ y[start:stop]
     else:
-        x = read_rows(features, 0, n).double()
-        gram, cross = x @ x.T, y
-    if not torch.isfinite(gram).all():
-        raise ValueError("features has non-finite values (NaN or inf)")
-    scale = _checked_scale(float(gram.diagonal().sum()) / k)
+        x = torch.cat([read_rows(features, start, min(start + block_rows, n)).to(torch.float64)
+                       for start in range(0, n, block_rows)])
+        gram, moment = x @ x.T, y
+        _check_finite(gram)
+    scale = gram.diagonal().sum().item() / k
+    if scale == 0:
+        raise ValueError(f"features ({n} × {k}) are all zero: there is no scale to set the damping against")
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    eigenvalues = eigenvalues.clamp(min=0)
-    kept = eigenvalues > eigenvalues.max() * max(n, k) * torch.finfo(torch.float64).eps
-    s = eigenvalues[kept]
-    coordinates = (vectors.T @ cross)[kept]  # (V'Xᵀy) for XᵀX, U'y for XXᵀ
-    z_squared = coordinates.square() / s if k <= n else coordinates.square()
-    outside = max(float(y.square().sum() - z_squared.sum()), 0.0)  # ‖y − Py‖²
-    values = []
-    for damping in dampings:
-        lambda_reg = damping * scale
-        shrink = lambda_reg / (s + lambda_reg)
-        residual = outside + float((shrink.square() * z_squared).sum())
-        trace = n - float((s / (s + lambda_reg)).sum())
-        values.append(n * residual / trace**2 if trace > 0 else math.nan)
-    damping = _choose(dampings, values, "gcv")
-    return DampingChoice(damping, damping * scale, "gcv", dict(zip(dampings, values)))
+    eigenvalues, projected = eigenvalues.clamp_(min=0).numpy(), (vectors.T @ moment).square_().numpy()
+    lambdas = np.asarray(values) * scale
+    shifted = eigenvalues[None, :] + lambdas[:, None]  # (grid, eigenvalues)
+    if k <= n:
+        residual = y.square().sum().item() - (projected * (eigenvalues + 2 * lambdas[:, None]) / shifted**2).sum(1)
+        trace = (n - k) + (lambdas[:, None] / shifted).sum(1)  # n − Σ e/(e + λ), without the cancellation
+    else:
+        residual = (projected * (lambdas[:, None] / shifted) ** 2).sum(1)
+        trace = (lambdas[:, None] / shifted).sum(1)
+    criterion = n * np.maximum(residual, 0) / trace**2
+    damping = _best(values, criterion, minimize=True)
+    return DampingChoice("gcv", damping, damping * scale, values, tuple(float(value) for value in criterion))
 
 
 def lds_damping(
@@ -197,77 +196,60 @@ def lds_damping(
     *,
     scale: float | None = None,
 ) -> DampingChoice:
-    """The damping of ``grid`` whose scores have the highest mean LDS on models retrained on subsets.
+    """The damping of the grid whose scores have the largest mean LDS on existing subset models.
 
     Args:
-        score_for: Maps a relative damping c to the (n_train × n_targets) score matrix computed with it.
+        score_for: Maps a relative damping c to the (n_train × n_targets) scores computed with it.
         masks: (M, n_train) which training pairs each subset model was trained on.
         outputs: (M, n_targets) each subset model's output on each target.
-        grid: Relative damping values c.
-        scale: mean diag(XᵀX) (:func:`feature_scale`), to report the absolute λ; None leaves it unknown.
+        grid: Relative damping values c, positive and increasing.
+        scale: mean diag(XᵀX) of the features, to report the absolute λ of the choice; None leaves it out.
 
     Raises:
-        ValueError: The grid is invalid, a score matrix has the wrong shape, or the LDS of some grid value cannot
-            be computed (see :func:`~cliptrace.verify.lds.linear_datamodeling_score`); the message names the value.
+        ValueError: The grid is not positive and increasing, or the LDS cannot be computed for some grid value
+            (see :func:`~cliptrace.verify.lds.linear_datamodeling_score`).
     """
-    dampings = _checked_grid(grid)
-    expected = (np.shape(masks)[-1], np.shape(outputs)[-1])
-    values = []
-    for damping in dampings:
-        scores = score_for(damping)
-        if tuple(scores.shape) != expected:
-            raise ValueError(f"score_for({damping:g}) has shape {tuple(scores.shape)}, expected (n_train, "
-                             f"n_targets) = {expected} from masks and outputs")
-        try:
-            values.append(linear_datamodeling_score(scores, masks, outputs, n_resamples=1).mean)
+    values = _grid(grid)
+    criterion = []
+    for damping in values:
+        try:  # only the mean is used: one bootstrap resample is enough
+            criterion.append(linear_datamodeling_score(score_for(damping), masks, outputs, n_resamples=1).mean)
         except ValueError as error:
-            raise ValueError(f"the LDS of damping {damping:g}: {error}") from error
-    damping = _choose(dampings, values, "lds")
-    return DampingChoice(damping, None if scale is None else damping * _checked_scale(scale), "lds",
-                         dict(zip(dampings, values)))
+            raise ValueError(f"the LDS of the scores at damping {damping:g}: {error}") from error
+    chosen = _best(values, np.asarray(criterion), minimize=False)
+    return DampingChoice("lds", chosen, None if scale is None else chosen * scale, values, tuple(criterion))
 
 
-def _choose(dampings: list[float], values: list[float], criterion: str) -> float:
-    """The damping with the best finite value; among values tied with the best, the largest damping."""
-    sign = 1.0 if _CRITERIA[criterion] == "min" else -1.0
-    finite = [(sign * v, c) for c, v in zip(dampings, values) if math.isfinite(v)]
-    if not finite:
-        raise ValueError(f"the {criterion} criterion is undefined at every damping of the grid")
-    best = min(v for v, _ in finite)
-    return max(c for v, c in finite if v <= best + TIE_TOLERANCE * abs(best))
+def _grid(grid: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(value) for value in grid)
+    if not values or not all(np.isfinite(value) and value > 0 for value in values):
+        raise ValueError(f"the damping grid must be non-empty, finite and positive, got {values}")
+    if any(later <= earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(f"the damping grid must be strictly increasing, got {values}")
+    return values
 
 
-def _check_features(features: Rows) -> None:
-    if len(features.shape) != 2 or 0 in features.shape:
-        raise ValueError(f"features must be a non-empty 2-D matrix (n × k), got shape {tuple(features.shape)}")
-
-
-def _checked_scale(scale: float) -> float:
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"mean diag(XᵀX) of the features is {scale}: the features are all zero or not finite")
-    return scale
-
-
-def _checked_grid(grid: Sequence[float]) -> list[float]:
-    dampings = [float(c) for c in grid]
-    if not dampings or not all(math.isfinite(c) and c > 0 for c in dampings):
-        raise ValueError(f"the damping grid must be non-empty, positive and finite, got {list(grid)}")
-    if len(set(dampings)) != len(dampings):
-        raise ValueError(f"the damping grid has repeated values: {dampings}")
-    return dampings
-
-
-def _checked_response(response: np.ndarray | torch.Tensor, n: int) -> torch.Tensor:
-    y = (response.detach().cpu() if isinstance(response, torch.Tensor) else torch.as_tensor(np.asarray(response)))
-    y = y.to(torch.float64)
-    if tuple(y.shape) != (n,):
-        raise ValueError(f"response must have shape ({n},), one value per feature row, got {tuple(y.shape)}")
+def _response(response: Rows, n: int) -> torch.Tensor:
+    if tuple(response.shape) != (n,):
+        raise ValueError(f"the response must have one value per feature row, shape ({n},); got {tuple(response.shape)}")
+    y = read_rows(response, 0, n).to(torch.float64)
     if not torch.isfinite(y).all():
-        raise ValueError("response has non-finite values (NaN or inf)")
-    if bool((y == y[0]).all()):
-        raise ValueError(f"response is constant ({float(y[0]):g} for all {n} rows): there is nothing to fit")
+        raise ValueError("the response has non-finite values (NaN or inf)")
+    if n == 0 or (y == y[0]).all():
+        raise ValueError(f"the response is constant ({n} values): it cannot rate any damping")
     return y
 
 
-def _unused(_: Any) -> None:  # pragma: no cover
-    pass
+def _check_finite(gram: torch.Tensor) -> None:
+    if not torch.isfinite(gram).all():
+        raise ValueError("the features have non-finite values (NaN or inf): their Gram matrix is not finite")
+
+
+def _best(grid: tuple[float, ...], criterion: np.ndarray, minimize: bool) -> float:
+    """The largest grid value whose criterion is within :data:`TIE_RTOL` of the best finite one."""
+    signed = np.where(np.isfinite(criterion), criterion if minimize else -criterion, np.inf)
+    if not np.isfinite(signed).any():
+        raise ValueError(f"the damping criterion is not finite at any grid value {grid}: {tuple(criterion)}")
+    best = signed.min()
+    ties = np.flatnonzero(signed <= best + TIE_RTOL * abs(best))
+    return grid[int(ties[-1])]
