@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.cli import app
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.shapes import generate_shapes_world
@@ -267,8 +268,8 @@ def test_eval_accepts_a_training_run_like_explain_does(world, tmp_path) -> None:
     assert from_run == json.loads((tmp_path / "model.json").read_text()) and from_run["n_images"] > 0
 
 
-REPORT = dict(n_targets=2, top_k=2, methods=("decomposition",), checkpoints=None, proj_dim=16, bank_size=16,
-              batch_size=8, progress=False)
+REPORT = dict(n_targets=2, top_k=2, methods=("decomposition",), checkpoints=None,
+              settings=AttributionSettings(proj_dim=16, bank_size=16, batch_size=8), progress=False)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.report import build_report
 from cliptrace.train import TrainConfig, train
@@ -26,7 +27,7 @@ def report(tmp_path_factory: pytest.TempPathFactory):
     world = generate_shapes_world(root / "world", n_images=60, seed=5, n_duplicates=3, n_mislabeled=3, image_size=32)
     train(TrainConfig(data=str(world), out=str(root / "run"), preset="tiny", image_size=32, vocab_size=300, epochs=2,
                       batch_size=8, warmup_steps=1, save_every=1, progress=False))
-    summary = build_report(root / "run", n_targets=5, proj_dim=64, bank_size=16, batch_size=8, top_k=4,
+    summary = build_report(root / "run", n_targets=5, settings=AttributionSettings(proj_dim=64, bank_size=16, batch_size=8), top_k=4,
                            self_influence_top=10, progress=False, methods=("decomposition", "integrated_gradients"))
     return root, summary
 

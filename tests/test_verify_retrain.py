@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.cli import app
 from cliptrace.data.readers import load_records
 from cliptrace.data.shapes import generate_shapes_world
@@ -137,7 +138,7 @@ def test_verify_cli_writes_lds_and_removal_tables_that_the_report_shows(run):
                                       "--k", "3", *common])
     assert result.exit_code == 0, result.output
     assert (directory / "removal.csv").is_file() and (directory / "removal.png").is_file()
-    summary = build_report(run, n_targets=2, proj_dim=32, batch_size=8, top_k=2, self_influence_top=5,
+    summary = build_report(run, n_targets=2, settings=AttributionSettings(proj_dim=32, batch_size=8), top_k=2, self_influence_top=5,
                            progress=False)
     index = summary.index.read_text(encoding="utf-8")
     assert "Linear datamodeling score over 3 models" in index and "assets/removal.png" in index

@@ -8,11 +8,14 @@ same.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from cliptrace.attribution.stored import StoredGradientMethod
 from cliptrace.trak.attribute import LoadedCheckpoint
+from cliptrace.trak.damping import gcv_damping, loss_weight_response
 from cliptrace.trak.scoring import Kernel, solve_kernel
 from cliptrace.trak.settings import AUTO
 from cliptrace.trak.store import FeatureStore
@@ -35,10 +38,8 @@ class Trak(StoredGradientMethod):
         info: dict = {"request": request}
         damping = settings.damping
         if settings.lambda_reg is None and damping == AUTO:
-            from cliptrace.trak.damping import gcv_damping, loss_weight_response
-
             choice = gcv_damping(features, loss_weight_response(loss_weights))
-            info["choice"] = choice.to_json()
+            info["choice"], info["chosen"] = json.loads(choice.to_json()), choice.describe()
             damping = choice.damping
         kernel = solve_kernel(features, settings.lambda_reg, settings.torch_dtype, settings.device,
                               damping=damping if settings.lambda_reg is None else 0.0)

@@ -113,8 +113,7 @@ def featurize_command(
 def _print_notes(notes: dict) -> None:
     """Print what the method chose on its own, one line per checkpoint (e.g. the ridge term)."""
     for checkpoint_id, note in notes.items():
-        choice = note.get("choice")
-        detail = f" (damping {choice['damping']:g} chosen by {choice['criterion']})" if choice else ""
+        detail = f": {note['chosen']}" if "chosen" in note else ""
         if "lambda_reg" in note:
             console.print(f"{checkpoint_id}: ridge term λ = {note['lambda_reg']:.4g}{detail}")
 

@@ -35,14 +35,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from cliptrace.attribution.registry import METHODS, make_method
+from cliptrace.attribution.stored import StoredGradientMethod
 from cliptrace.files import create_npy_atomic
 from cliptrace.models.base import check_weights_fit
 from cliptrace.trak.batches import batch_size, map_batch, take_rows
 from cliptrace.trak.factored import make_featurizer
+from cliptrace.trak.attribute import LoadedCheckpoint
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
-from cliptrace.trak.scoring import EnsembleScorer, TopK, solve_checkpoint, stored_kernel
+from cliptrace.trak.scoring import EnsembleScorer, ScoringKernel, TopK
+from cliptrace.trak.settings import DEFAULT_METHOD, AttributionSettings
 from cliptrace.trak.store import FeatureStore, StoreMismatchError
 
 log = logging.getLogger("cliptrace.trak")
@@ -62,13 +66,16 @@ class TRAKer:
         proj_dim: Feature dimension of the dense Rademacher projection; ``None`` means no projection.
         projector_seed: Seed of the projection.
         grad_wrt: Parameter names (or globs) to differentiate; default all trainable parameters.
-        lambda_reg: Ridge term λ added to XᵀX.
+        lambda_reg: Ridge term λ added to XᵀX (0, as in ``traker``); None: the relative ``damping``.
         featurizer: A ready :class:`~cliptrace.trak.features.Featurizer` (overrides projection arguments).
         features: The feature path: ``"factored"`` (hooks on linear-type layers, about the cost of a training step),
             ``"exact"`` (per-example gradients and a dense projection), or ``"auto"``: factored unless ``proj_dim``
             is None, a ``projector`` is given, or the task has no batched form (see :mod:`cliptrace.trak.factored`).
         score_dtype: dtype of the kernel solve (``torch.float32`` or ``torch.float64``).
         chunk_size: Examples per vectorized gradient call (bounds memory).
+        method: A registered gradient method over the stored features (:data:`cliptrace.attribution.METHODS`:
+            ``trak``, ``trak-layers`` with ``proj_dim=None`` on the factored path, ``tracin``, ``grad-cosine``).
+        damping: The relative ridge term (λ = damping × mean diag(XᵀX)) when ``lambda_reg`` is None.
     """
 
     def __init__(
@@ -89,12 +96,14 @@ class TRAKer:
         proj_max_batch_size: int = 32,
         projector_seed: int = 0,
         grad_wrt: Iterable[str] | None = None,
-        lambda_reg: float = 0.0,
+        lambda_reg: float | None = 0.0,
         *,
         featurizer: Featurizer | None = None,
         score_dtype: torch.dtype = torch.float32,
         chunk_size: int | None = None,
         features: str = "auto",
+        method: str = DEFAULT_METHOD,
+        damping: float = AttributionSettings().damping,
     ) -> None:
         del use_half_precision, proj_max_batch_size  # see the module docstring
         for name, value in (("gradient_computer", gradient_computer), ("saver", saver),
@@ -109,6 +118,12 @@ class TRAKer:
         self.lambda_reg = lambda_reg
         self.score_dtype = score_dtype
         self.save_dir = Path(save_dir)
+        self.method = make_method(method, AttributionSettings(
+            lambda_reg=lambda_reg, damping=damping, score_dtype=_numpy_dtype(score_dtype), device=str(self.device)))
+        if not isinstance(self.method, StoredGradientMethod):
+            raise ValueError(f"method {method!r} does not score stored gradient features; TRAKer takes "
+                             f"{', '.join(name for name, kind in METHODS.items() if issubclass(kind, StoredGradientMethod))}")
+        self._kernels: dict[str, ScoringKernel] = {}
         parameters = None if grad_wrt is None else list(grad_wrt)
         if featurizer is None and projector is None:
             featurizer = make_featurizer(features, self.model, self.task, proj_dim=proj_dim, seed=projector_seed,
@@ -186,7 +201,20 @@ class TRAKer:
         """Solve the kernel of each (fully featurized) checkpoint: see :mod:`cliptrace.trak.scoring`."""
         del del_grads  # features are kept: self-influence reads them
         for checkpoint in self._checkpoint_ids(model_ids):
-            solve_checkpoint(self.store, checkpoint, self.lambda_reg, self.score_dtype, self.device)
+            self.store.features(checkpoint)  # complete and finite
+            self._kernels[checkpoint] = self.method.checkpoint_kernel(
+                self.store, LoadedCheckpoint(checkpoint, self.model, self.featurizer))
+
+    def _finalized(self, checkpoint: str) -> bool:
+        """Whether ``checkpoint``'s kernel was solved (by this instance, or stored by an earlier TRAK one)."""
+        return checkpoint in self._kernels or (self.method.name == "trak" and self.store.kernel(
+            checkpoint, self.method.settings.damping_spec()) is not None)
+
+    def _kernel(self, checkpoint: str) -> ScoringKernel:
+        if checkpoint not in self._kernels:
+            self._kernels[checkpoint] = self.method.checkpoint_kernel(
+                self.store, LoadedCheckpoint(checkpoint, self.model, self.featurizer))
+        return self._kernels[checkpoint]
 
     def _checkpoint_ids(self, model_ids: Iterable[int | str] | None) -> list[str]:
         return self.store.checkpoint_ids() if model_ids is None else [str(m) for m in model_ids]
@@ -213,7 +241,7 @@ class TRAKer:
         if self._experiment is None:
             raise RuntimeError("call start_scoring_checkpoint() before score()")
         checkpoint, targets = self._experiment
-        if self.store.kernel(checkpoint) is None:
+        if not self._finalized(checkpoint):
             raise RuntimeError(f"model id {checkpoint!r} is not finalized: call finalize_features() first")
         indices = self._indices(inds, num_samples, "_next_target")
         features, weights = self._features(batch, None, indices.size)
@@ -227,7 +255,7 @@ class TRAKer:
         targets = FeatureStore.reopen(experiment_dir)
         kernels, train_features, loss_weights, target_features, used = [], [], [], [], []
         for checkpoint in self._checkpoint_ids(model_ids):
-            ready = (self.store.kernel(checkpoint) is not None and checkpoint in targets.checkpoint_ids()
+            ready = (self._finalized(checkpoint) and checkpoint in targets.checkpoint_ids()
                      and targets.is_complete(checkpoint))
             if not ready:
                 if allow_skip:
@@ -236,9 +264,9 @@ class TRAKer:
                 raise ValueError(f"model id {checkpoint!r} has no kernel or incomplete target features for "
                                  f"experiment {exp_name!r}")
             features, q = self.store.features(checkpoint)
-            kernels.append(stored_kernel(self.store, checkpoint))
+            kernels.append(self._kernel(checkpoint))
             train_features.append(features)
-            loss_weights.append(q)
+            loss_weights.append(self.method.loss_weights(q))
             target_features.append(targets.features(checkpoint)[0])
             used.append(checkpoint)
         if not used:
@@ -268,15 +296,15 @@ class TRAKer:
     def self_influence(self, model_ids: Iterable[int | str] | None = None) -> np.ndarray:
         """τ(z_i, z_i) for every training example, averaged over the (finalized) checkpoints."""
         ids = self._checkpoint_ids(model_ids)
-        missing = [m for m in ids if self.store.kernel(m) is None]
+        missing = [m for m in ids if not self._finalized(m)]
         if missing:
             raise ValueError(f"model ids {missing} are not finalized: call finalize_features() first")
         kernels, features, loss_weights = [], [], []
         for checkpoint in ids:
             x, q = self.store.features(checkpoint)
-            kernels.append(stored_kernel(self.store, checkpoint))
+            kernels.append(self._kernel(checkpoint))
             features.append(x)
-            loss_weights.append(q)
+            loss_weights.append(self.method.loss_weights(q))
         return EnsembleScorer(kernels, features, loss_weights).self_influence().numpy()
 
 
