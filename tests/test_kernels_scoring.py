@@ -270,3 +270,18 @@ def test_a_damaged_saved_kernel_is_refused_naming_the_file(tmp_path: Path) -> No
     description_path.write_text("{not json")
     with pytest.raises(ValueError, match=r"kernel\.json is not valid JSON"):
         BlockKernel.load(tmp_path / "block")
+
+
+def test_solving_blocks_of_a_memory_map_reads_only_each_block_s_columns(tmp_path: Path, monkeypatch) -> None:
+    xs, _, _ = _data(m=1, seed=11)
+    np.save(tmp_path / "x.npy", xs[0])
+    features = np.load(tmp_path / "x.npy", mmap_mode="r")
+    reads, read_rows = [], scoring.read_rows
+
+    def recording(array, start, stop):
+        reads.append((array.shape[1], stop - start))
+        return read_rows(array, start, stop)
+
+    monkeypatch.setattr(scoring, "read_rows", recording)
+    solve_block_kernel(features, _blocks(WIDTHS), damping=0.05, dtype=torch.float64, block_rows=5)
+    assert reads == [(3, 5), (3, 5), (3, 2), (15, N), (5, 5), (5, 5), (5, 2), (20, N)]  # factor blocks: row blocks
