@@ -251,3 +251,37 @@ def test_solve_checkpoint_takes_the_relative_damping_too(tmp_path: Path) -> None
     assert solved.lambda_reg == pytest.approx(lam, rel=1e-12)
     factor = stored_kernel(store, "only").matrix.numpy()
     np.testing.assert_allclose(factor @ factor.T, x.T @ x + lam * np.eye(3), rtol=1e-12)
+
+
+def test_a_damaged_saved_kernel_is_refused_naming_the_file(tmp_path: Path) -> None:
+    xs, _, _ = _data(m=1, seed=10)
+    solve_block_kernel(xs[0], _blocks(WIDTHS), damping=0.05, dtype=torch.float64).save(tmp_path / "block")
+    (tmp_path / "block" / "block-0002.npy").unlink()
+    with pytest.raises(ValueError, match=r"block-0002\.npy is missing"):
+        BlockKernel.load(tmp_path / "block")
+    description_path = tmp_path / "block" / "kernel.json"
+    description = json.loads(description_path.read_text())
+    description_path.write_text(json.dumps({**description, "lambda_reg": [0.1, -1.0, 0.1, 0.1]}))
+    with pytest.raises(ValueError, match=r"kernel\.json holds the ridge term -1\.0"):
+        BlockKernel.load(tmp_path / "block")
+    description_path.write_text(json.dumps({**description, "blocks": [[0, 3], "x", [18, 23], [23, 43]]}))
+    with pytest.raises(ValueError, match=r"'blocks' must be \[start, stop\] pairs"):
+        BlockKernel.load(tmp_path / "block")
+    description_path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"kernel\.json is not valid JSON"):
+        BlockKernel.load(tmp_path / "block")
+
+
+def test_solving_blocks_of_a_memory_map_reads_only_each_block_s_columns(tmp_path: Path, monkeypatch) -> None:
+    xs, _, _ = _data(m=1, seed=11)
+    np.save(tmp_path / "x.npy", xs[0])
+    features = np.load(tmp_path / "x.npy", mmap_mode="r")
+    reads, read_rows = [], scoring.read_rows
+
+    def recording(array, start, stop):
+        reads.append((array.shape[1], stop - start))
+        return read_rows(array, start, stop)
+
+    monkeypatch.setattr(scoring, "read_rows", recording)
+    solve_block_kernel(features, _blocks(WIDTHS), damping=0.05, dtype=torch.float64, block_rows=5)
+    assert reads == [(3, 5), (3, 5), (3, 2), (15, N), (5, 5), (5, 5), (5, 2), (20, N)]  # factor blocks: row blocks

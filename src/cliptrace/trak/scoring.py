@@ -140,8 +140,10 @@ def _cholesky(system: torch.Tensor, name: str, lambda_reg: float) -> torch.Tenso
 
 
 class ScoringKernel(Protocol):
-    """What :class:`EnsembleScorer` needs of a solved kernel: scores of a row block are
-    ``left_rows(X, start, stop) @ target_map(Φ)``."""
+    """What :class:`EnsembleScorer` needs of a solved kernel.
+
+    The scores of training rows ``[start, stop)`` are ``left_rows(X, start, stop) @ target_map(Φ)``.
+    """
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,15 +174,27 @@ def _read_description(directory: Path, kind: str) -> dict[str, Any]:
     path = directory / KERNEL_FILE
     if not path.is_file():
         raise ValueError(f"{directory} holds no saved kernel ({KERNEL_FILE} is missing)")
-    description = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        description = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(description, dict) or description.get("kind") != kind:
         found = description.get("kind") if isinstance(description, dict) else None
         raise ValueError(f"{path} describes a {found!r} kernel, not a {kind!r} one")
     return description
 
 
+def _saved_lambda(directory: Path, value: Any) -> float | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+        raise ValueError(f"{directory / KERNEL_FILE} holds the ridge term {value!r}, not a number ≥ 0 or null")
+    return None if value is None else float(value)
+
+
 def _load_matrix(path: Path) -> torch.Tensor:
-    matrix = np.load(path)
+    try:
+        matrix = np.load(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is missing or no .npy file: {error}") from None
     if matrix.ndim != 2 or matrix.dtype not in (np.float32, np.float64) or not np.isfinite(matrix).all():
         raise ValueError(f"{path} is no finite float32/float64 kernel matrix (shape {matrix.shape}, {matrix.dtype})")
     return torch.from_numpy(matrix)
@@ -257,7 +271,7 @@ class Kernel:
         """
         directory = Path(directory)
         description = _read_description(directory, "kernel")
-        return cls(_load_matrix(directory / "matrix.npy"), description.get("lambda_reg"))
+        return cls(_load_matrix(directory / "matrix.npy"), _saved_lambda(directory, description.get("lambda_reg")))
 
 
 def solve_kernel(
@@ -362,7 +376,8 @@ class BlockKernel:
     kernels: tuple[Kernel, ...]
 
     def __post_init__(self) -> None:
-        blocks = check_blocks(self.blocks, self.blocks[-1].stop if self.blocks else 0)
+        stops = [block.stop for block in self.blocks if isinstance(block, slice) and isinstance(block.stop, int)]
+        blocks = check_blocks(self.blocks, max(stops, default=0))
         if blocks != tuple(self.blocks):
             raise ValueError(f"blocks must be non-empty and in column order, got {list(self.blocks)}")
         if not blocks or len(blocks) != len(self.kernels):
@@ -445,8 +460,11 @@ class BlockKernel:
         bounds, lambdas = description.get("blocks"), description.get("lambda_reg")
         if not isinstance(bounds, list) or not isinstance(lambdas, list) or len(bounds) != len(lambdas):
             raise ValueError(f"{directory / KERNEL_FILE} needs lists 'blocks' and 'lambda_reg' of the same length")
+        if not all(isinstance(pair, list) and len(pair) == 2 and all(type(end) is int for end in pair)
+                   for pair in bounds):
+            raise ValueError(f"{directory / KERNEL_FILE}: 'blocks' must be [start, stop] pairs of integers, got {bounds}")
         blocks = tuple(slice(*pair) for pair in bounds)
-        kernels = tuple(Kernel(_load_matrix(directory / f"block-{index:04d}.npy"), lam)
+        kernels = tuple(Kernel(_load_matrix(directory / f"block-{index:04d}.npy"), _saved_lambda(directory, lam))
                         for index, lam in enumerate(lambdas))
         return cls(blocks, kernels)
 
