@@ -35,13 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cliptrace.attribution.registry import METHODS, make_method
-from cliptrace.attribution.stored import StoredGradientMethod
 from cliptrace.files import create_npy_atomic
 from cliptrace.models.base import check_weights_fit
 from cliptrace.trak.batches import batch_size, map_batch, take_rows
 from cliptrace.trak.factored import make_featurizer
-from cliptrace.trak.attribute import LoadedCheckpoint
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ModelOutput, output_for_task
 from cliptrace.trak.projection import Projector
@@ -118,6 +115,9 @@ class TRAKer:
         self.lambda_reg = lambda_reg
         self.score_dtype = score_dtype
         self.save_dir = Path(save_dir)
+        from cliptrace.attribution.registry import METHODS, make_method  # the methods import this package
+        from cliptrace.attribution.stored import StoredGradientMethod
+
         self.method = make_method(method, AttributionSettings(
             lambda_reg=lambda_reg, damping=damping, score_dtype=_numpy_dtype(score_dtype), device=str(self.device)))
         if not isinstance(self.method, StoredGradientMethod):
@@ -202,8 +202,12 @@ class TRAKer:
         del del_grads  # features are kept: self-influence reads them
         for checkpoint in self._checkpoint_ids(model_ids):
             self.store.features(checkpoint)  # complete and finite
-            self._kernels[checkpoint] = self.method.checkpoint_kernel(
-                self.store, LoadedCheckpoint(checkpoint, self.model, self.featurizer))
+            self._kernels[checkpoint] = self.method.checkpoint_kernel(self.store, self._loaded(checkpoint))
+
+    def _loaded(self, checkpoint: str) -> Any:
+        from cliptrace.trak.attribute import LoadedCheckpoint
+
+        return LoadedCheckpoint(checkpoint, self.model, self.featurizer)
 
     def _finalized(self, checkpoint: str) -> bool:
         """Whether ``checkpoint``'s kernel was solved (by this instance, or stored by an earlier TRAK one)."""
@@ -212,8 +216,7 @@ class TRAKer:
 
     def _kernel(self, checkpoint: str) -> ScoringKernel:
         if checkpoint not in self._kernels:
-            self._kernels[checkpoint] = self.method.checkpoint_kernel(
-                self.store, LoadedCheckpoint(checkpoint, self.model, self.featurizer))
+            self._kernels[checkpoint] = self.method.checkpoint_kernel(self.store, self._loaded(checkpoint))
         return self._kernels[checkpoint]
 
     def _checkpoint_ids(self, model_ids: Iterable[int | str] | None) -> list[str]:
