@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.cli import app
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.models import HFCLIP, load_model, train_tokenizer
@@ -29,7 +30,7 @@ attribute_module = importlib.import_module("cliptrace.trak.attribute")  # the mo
 
 OPTIONS = ["--proj-dim", "32", "--lambda-reg", "0.1", "--bank-size", "8", "--batch-size", "8", "--no-progress",
            "--top-k", "2"]
-FAST = {"proj_dim": 32, "lambda_reg": 0.1, "bank_size": 8, "batch_size": 8}
+FAST = {"settings": AttributionSettings(proj_dim=32, lambda_reg=0.1, bank_size=8, batch_size=8)}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from cliptrace.cli import app
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.train import TrainConfig, list_checkpoints, train
+from cliptrace.trak.settings import AttributionSettings
 
 OPTIONS = ["--proj-dim", "64", "--bank-size", "16", "--batch-size", "8", "--no-progress",
            "--parameter", "model.visual_projection.*", "--parameter", "model.text_projection.*",
@@ -79,14 +80,14 @@ def test_api_matches_cli_and_store_settings_are_checked(trained: tuple[Path, Pat
     store = tmp_path / "store"
     _invoke("trak", "score", run, data, "--store", store, "--out", tmp_path / "cli", "--top-k", "2", *OPTIONS)
     parameters = [OPTIONS[i + 1] for i, item in enumerate(OPTIONS) if item == "--parameter"]
-    result = cliptrace.attribute(run, data, data, proj_dim=64, bank_size=16, batch_size=8, parameters=parameters,
-                                 store_dir=tmp_path / "fresh", top_k=2)
+    settings = AttributionSettings(proj_dim=64, bank_size=16, batch_size=8, parameters=tuple(parameters))
+    result = cliptrace.attribute(run, data, data, settings=settings, store_dir=tmp_path / "fresh", top_k=2)
     np.testing.assert_allclose(result.scores, np.load(tmp_path / "cli" / "scores.npy"), rtol=1e-5, atol=1e-7)
 
     # Targets that are training records are excluded from their own top-k.
     train_records = select_split(load_records(data), "train")
-    own = cliptrace.attribute(run, data, train_records[:4], proj_dim=64, bank_size=16, batch_size=8,
-                              parameters=parameters, store_dir=tmp_path / "fresh", top_k=2, full_scores=False)
+    own = cliptrace.attribute(run, data, train_records[:4], settings=settings, store_dir=tmp_path / "fresh", top_k=2,
+                              full_scores=False)
     assert own.scores is None
     for column in range(4):
         assert column not in own.top.proponents[column].tolist()

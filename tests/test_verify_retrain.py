@@ -18,7 +18,6 @@ from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, train
 from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import FULL, linear_datamodeling, remove_and_retrain, subset_jobs
-from cliptrace.verify.methods import embedding_similarity, method_scores
 from cliptrace.verify.retrain import Job, create_plan, load_outputs, output_path, run_jobs, target_outputs
 
 
@@ -104,41 +103,6 @@ def test_jobs_refuse_records_outside_the_training_set(run, tmp_path):
         run_jobs(tmp_path / "v", [Job("bad", ("no-such-record",))])
     with pytest.raises(ValueError, match="other settings"):
         create_plan(tmp_path / "v", run, n_targets=3, bank_size=4)
-
-
-def test_embedding_similarity_is_the_sum_of_image_and_text_cosines(run):
-    by_id = records_by_id(run)
-    records = list(by_id.values())
-    model = load_model(run / "model")
-    scores = embedding_similarity(model, records[:5], records[5:7])
-    from cliptrace.data.images import ImageLoader
-    from cliptrace.evaluate.embed import embed_images, embed_texts
-
-    images = embed_images(model, records[:7], ImageLoader())
-    texts = embed_texts(model, [r.captions[0] for r in records[:7]])
-    for i in range(5):
-        for j in range(2):
-            expected = float(images[i] @ images[5 + j]) + float(texts[i] @ texts[5 + j])
-            assert scores[i, j] == pytest.approx(expected, abs=1e-5)
-
-
-@pytest.mark.parametrize("proj_dim", [32, 64], ids=["k<n", "k>n"])
-def test_tracin_scores_are_loss_weighted_gradient_dot_products(run, tmp_path, proj_dim):
-    from cliptrace.trak.attribute import attribute
-
-    train_records = [r for r in records_by_id(run).values() if r.split == "train"]
-    targets = train_records[:3]  # training records: their features are rows of the store
-    assert 32 < len(train_records) < 64
-    result = attribute(run, train_records, targets, checkpoints=1, proj_dim=proj_dim, bank_size=8, batch_size=8,
-                       store_dir=tmp_path / "store", kernel="identity", full_scores=True, top_k=1)
-    folder = tmp_path / "store" / "checkpoints" / result.checkpoints[0]
-    x = torch.from_numpy(np.load(folder / "features.npy")).double()
-    q = torch.from_numpy(np.load(folder / "loss_weights.npy")).double()
-    expected = (q[:, None] * x @ x[:3].T).numpy()
-    np.testing.assert_allclose(result.scores, expected, rtol=1e-4, atol=1e-6)
-    via_methods = method_scores("tracin", run, train_records, targets, proj_dim=proj_dim, bank_size=8, batch_size=8,
-                                store_dir=tmp_path / "store")
-    np.testing.assert_allclose(via_methods, result.scores, rtol=1e-6)
 
 
 def test_lds_and_removal_end_to_end(run, tmp_path):

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from cliptrace.cli.errors import reported_errors
 from cliptrace.train.config import TrainConfig
+from cliptrace.trak.settings import AttributionSettings
 
 console = Console()
 DEMO_MARKER = "demo.json"
@@ -27,7 +28,7 @@ def demo_command(
     duplicates: Annotated[int, typer.Option(help="Near-duplicate pairs planted in the training split.")] = 20,
     mislabeled: Annotated[int, typer.Option(help="Mislabeled captions planted in the training split.")] = 20,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 20,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (TRAK ensembles the last 3).")] = 5,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N epochs (TRAK ensembles them all).")] = 5,
     n_targets: Annotated[int, typer.Option(help="Held-out test images explained, besides the planted originals.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the dataset, the training run and TRAK.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -67,7 +68,7 @@ def demo_command(
         console.print(f"[bold]4/{STEPS}[/bold] TRAK attribution of {n_targets} test images and the originals of the "
                       "planted duplicates, input heatmaps, report")
         summary = build_report(result.run_dir, dataset, out=out / "report", n_targets=n_targets, top_k=TOP_K,
-                               seed=seed, progress=progress)
+                               settings=AttributionSettings(seed=seed), progress=progress)
 
     minutes = (time.perf_counter() - start) / 60
     planted = summary.planted

@@ -1,8 +1,12 @@
-"""The data options every command that reads a dataset takes: ``--format``, ``--image-root``, ``--sep``,
-``--image-key``, ``--caption-key``, defined once.
+"""Option groups defined once for every command that takes them.
 
-A command declares one parameter ``data_options: DataOptions``; :func:`with_data_options` replaces it by the five
-command-line options and hands the command the :class:`~cliptrace.data.options.DataOptions` they make.
+* The data options of every command that reads a dataset: ``--format``, ``--image-root``, ``--sep``,
+  ``--image-key``, ``--caption-key``. A command declares one parameter ``data_options: DataOptions``;
+  :func:`with_data_options` replaces it by the five options and hands it the
+  :class:`~cliptrace.data.options.DataOptions` they make.
+* The attribution settings of every command that attributes (``trak``, ``report``, ``verify``): a parameter
+  ``settings: AttributionSettings``, filled by :func:`with_attribution_settings` from ``--proj-dim``,
+  ``--damping``, ... whose defaults are those of :class:`~cliptrace.trak.settings.AttributionSettings`.
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ import typer
 
 from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import FORMATS
+from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES, AttributionSettings
 
 Command = TypeVar("Command", bound=Callable[..., Any])
-PARAMETER = "data_options"  # the parameter of a command that receives the options
-
-_OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation, default)
+_DATA_OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation, default)
     "data_format": (Annotated[str, typer.Option(
         "--format", help=f"Dataset format: {', '.join(FORMATS)}, or auto (detected from the path).",
         rich_help_panel="Data")], "auto"),
@@ -47,22 +50,92 @@ def data_options(data_format: str = "auto", image_root: Path | None = None, sep:
                        image_key=image_key, caption_key=caption_key)
 
 
-def with_data_options(command: Command) -> Command:
-    """``command`` with its ``data_options: DataOptions`` parameter taken from ``--format``, ``--image-root``,
-    ``--sep``, ``--image-key`` and ``--caption-key`` (added at the end of its options)."""
-    signature = inspect.signature(command, eval_str=True)
-    if PARAMETER not in signature.parameters:
-        raise TypeError(f"{command.__name__} has no {PARAMETER} parameter")
-    kept = [parameter for name, parameter in signature.parameters.items() if name != PARAMETER]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, (annotation, default) in _OPTIONS.items()]
+def _with_group(parameter: str, options: dict[str, tuple[Any, Any]], build: Callable[..., Any]
+                ) -> Callable[[Command], Command]:
+    """A decorator replacing a command's ``parameter`` by ``options`` (added at the end of its options); the
+    command receives ``build(**their values)``."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name, default) for name, (_, default) in _OPTIONS.items()}
-        return command(*args, **{PARAMETER: data_options(**given)}, **kwargs)
+    def decorate(command: Command) -> Command:
+        signature = inspect.signature(command, eval_str=True)
+        if parameter not in signature.parameters:
+            raise TypeError(f"{command.__name__} has no {parameter} parameter")
+        kept = [item for name, item in signature.parameters.items() if name != parameter]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for name, (annotation, default) in options.items()]
 
-    del wrapper.__wrapped__  # typer reads the signature below, not the wrapped function's
-    wrapper.__signature__ = signature.replace(parameters=[*kept, *added])
-    wrapper.__annotations__ = {parameter.name: parameter.annotation for parameter in [*kept, *added]}
-    return wrapper  # type: ignore[return-value]
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name, default) for name, (_, default) in options.items()}
+            return command(*args, **{parameter: build(**given)}, **kwargs)
+
+        del wrapper.__wrapped__  # typer reads the signature below, not the wrapped function's
+        wrapper.__signature__ = signature.replace(parameters=[*kept, *added])
+        wrapper.__annotations__ = {item.name: item.annotation for item in [*kept, *added]}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+with_data_options = _with_group("data_options", _DATA_OPTIONS, data_options)
+"""``command`` with its ``data_options: DataOptions`` parameter taken from ``--format``, ``--image-root``,
+``--sep``, ``--image-key`` and ``--caption-key``."""
+
+
+_DEFAULT = AttributionSettings()
+_PANEL = "Attribution settings"
+_ATTRIBUTION_OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation, default)
+    "proj_dim": (Annotated[int, typer.Option(
+        help="Projection dimension k (0: no projection, raw gradients).", rich_help_panel=_PANEL)], _DEFAULT.proj_dim),
+    "projection": (Annotated[str, typer.Option(help="rademacher or gaussian.", rich_help_panel=_PANEL)],
+                   _DEFAULT.projection),
+    "seed": (Annotated[int, typer.Option(help="Seed of the projections and of the negative-bank draw.",
+                                         rich_help_panel=_PANEL)], _DEFAULT.seed),
+    "bank_size": (Annotated[int, typer.Option(help="Training pairs in the CLIP margin's negative bank.",
+                                              rich_help_panel=_PANEL)], _DEFAULT.bank_size),
+    "parameters": (Annotated[Optional[list[str]], typer.Option(
+        "--parameter", help="Parameter name or glob to differentiate (repeatable; default: all trainable).",
+        rich_help_panel=_PANEL)], None),
+    "damping": (Annotated[str, typer.Option(
+        help="Ridge term relative to the features' scale, λ = DAMPING × mean diag(XᵀX); or auto (chosen per "
+             "checkpoint by generalized cross-validation, printed and stored).", rich_help_panel=_PANEL)],
+        str(_DEFAULT.damping)),
+    "lambda_reg": (Annotated[Optional[float], typer.Option(
+        help="An absolute ridge term λ instead of --damping.", rich_help_panel=_PANEL)], _DEFAULT.lambda_reg),
+    "batch_size": (Annotated[int, typer.Option(help="Records featurized at once.", rich_help_panel=_PANEL)],
+                   _DEFAULT.batch_size),
+    "dtype": (Annotated[str, typer.Option(help="float32 or float64 for features, kernels and scores.",
+                                          rich_help_panel=_PANEL)], _DEFAULT.score_dtype),
+    "device": (Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.", rich_help_panel=_PANEL)],
+               _DEFAULT.device),
+    "features": (Annotated[str, typer.Option(
+        help=f"Feature path ({', '.join(FEATURE_PATHS)}): factored (hooks on linear-type layers, about the cost of "
+             "a training step), exact (per-example gradients + dense projection, the reference), or auto "
+             "(factored unless --proj-dim 0).", rich_help_panel=_PANEL)], _DEFAULT.features),
+    "layer_dim": (Annotated[int, typer.Option(help="Factored path: width each side of a layer is projected to.",
+                                              rich_help_panel=_PANEL)], _DEFAULT.layer_dim),
+    "other_parameters": (Annotated[str, typer.Option(
+        help=f"Factored path, selected parameters outside supported layers: {', '.join(OTHER_PARAMETER_POLICIES)}.",
+        rich_help_panel=_PANEL)], _DEFAULT.other_parameters),
+}
+
+
+def attribution_settings(*, proj_dim: int, projection: str, seed: int, bank_size: int, parameters: list[str] | None,
+                         damping: str, lambda_reg: float | None, batch_size: int, dtype: str, device: str,
+                         features: str, layer_dim: int, other_parameters: str) -> AttributionSettings:
+    """The :class:`AttributionSettings` of the command-line options (``--proj-dim 0``: no projection).
+
+    Raises:
+        typer.BadParameter: ``--damping`` is neither a number nor ``auto``.
+    """
+    try:
+        relative: float | str = damping if damping == "auto" else float(damping)
+    except ValueError:
+        raise typer.BadParameter(f"--damping must be a number or auto, got {damping!r}") from None
+    return AttributionSettings(proj_dim=proj_dim or None, projection=projection, seed=seed, bank_size=bank_size,
+                               parameters=tuple(parameters) if parameters else None, damping=relative,
+                               lambda_reg=lambda_reg, batch_size=batch_size, score_dtype=dtype, device=device,
+                               features=features, layer_dim=layer_dim, other_parameters=other_parameters)
+
+
+with_attribution_settings = _with_group("settings", _ATTRIBUTION_OPTIONS, attribution_settings)
+"""``command`` with its ``settings: AttributionSettings`` parameter taken from the attribution options."""

@@ -11,25 +11,26 @@ from rich.console import Console
 from rich.table import Table
 
 from cliptrace.cli.errors import reported_errors
+from cliptrace.cli.options import with_attribution_settings
 from cliptrace.files import write_json_atomic
+from cliptrace.trak.settings import AttributionSettings
 
 console = Console()
 verify_app = typer.Typer(no_args_is_help=True)
 
 Run = Annotated[Path, typer.Argument(help="Training run directory (from cliptrace train).")]
 Directory = Annotated[Optional[Path], typer.Option("--dir", help="Verification directory (default: RUN/verify).")]
-Methods = Annotated[str, typer.Option(help="Comma-separated: trak, tracin, embedding, random.")]
+Methods = Annotated[Optional[str], typer.Option(
+    help="Comma-separated attribution methods (default: every registered one; see cliptrace trak methods).")]
 NTargets = Annotated[int, typer.Option(help="Test targets drawn when the directory is created.")]
-Checkpoints = Annotated[int, typer.Option(help="TRAK ensembles the last K checkpoints.")]
-ProjDim = Annotated[int, typer.Option(help="Projection dimension of the gradient methods.")]
-Features = Annotated[str, typer.Option(help="Gradient features: auto, factored or exact.")]
+Checkpoints = Annotated[Optional[int], typer.Option(help="Methods ensemble the last K checkpoints (default: all).")]
 Workers = Annotated[int, typer.Option(help="Processes retraining at once.")]
-Seed = Annotated[int, typer.Option(help="Seed of targets, subsets, projections and bootstrap.")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
-def _scores(run: Path, directory: Path, methods: str, checkpoints: int, proj_dim: int, features: str, seed: int,
+def _scores(run: Path, directory: Path, methods: str | None, checkpoints: int | None, settings: AttributionSettings,
             progress: bool) -> dict[str, np.ndarray]:
+    from cliptrace.attribution import METHODS
     from cliptrace.train.config import TrainConfig
     from cliptrace.verify.methods import method_scores
     from cliptrace.verify.retrain import load_plan
@@ -39,29 +40,34 @@ def _scores(run: Path, directory: Path, methods: str, checkpoints: int, proj_dim
     by_id = {record.id: record for record in config.data_options.load(config.data)}
     train = [by_id[i] for i in plan.train_ids]
     targets = [by_id[i] for i in plan.target_ids]
-    names = [name.strip() for name in methods.split(",") if name.strip()]
-    return {name: method_scores(name, run, train, targets, checkpoints=checkpoints, proj_dim=proj_dim,
-                                features=features, seed=seed, progress=progress) for name in names}
+    names = list(METHODS) if methods is None else [name.strip() for name in methods.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown attribution method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return {name: method_scores(name, run, train, targets, settings=settings, checkpoints=checkpoints,
+                                progress=progress) for name in names}
 
 
 @verify_app.command("lds", help="Linear datamodeling score of attribution methods (retrains M subset models).")
+@with_attribution_settings
 def lds_command(
     run: Run, directory: Directory = None, models: Annotated[int, typer.Option(help="Subset models M.")] = 32,
     alpha: Annotated[float, typer.Option(help="Share of the training pairs each subset model keeps.")] = 0.5,
-    methods: Methods = "trak,tracin,embedding,random",
+    methods: Methods = None,
     scores: Annotated[Optional[list[str]], typer.Option(
         help="NAME=FILE.npy: grade your own scores too (n_train × n_targets, the plan's order).")] = None,
     output: Annotated[str, typer.Option(help="Target output: margin (CLIP margin) or logit.")] = "margin",
-    n_targets: NTargets = 50, checkpoints: Checkpoints = 3, proj_dim: ProjDim = 1024, features: Features = "auto",
-    workers: Workers = 1, seed: Seed = 0, progress: Progress = True,
+    n_targets: NTargets = 50, checkpoints: Checkpoints = None, workers: Workers = 1, progress: Progress = True,
+    settings: AttributionSettings = AttributionSettings(),
 ) -> None:
     from cliptrace.verify.experiments import linear_datamodeling
     from cliptrace.verify.retrain import create_plan
 
     directory = directory or run / "verify"
     with reported_errors():
+        seed = settings.seed
         create_plan(directory, run, n_targets=n_targets, seed=seed)
-        matrices = _scores(run, directory, methods, checkpoints, proj_dim, features, seed, progress)
+        matrices = _scores(run, directory, methods, checkpoints, settings, progress)
         for item in scores or []:
             name, _, path = item.partition("=")
             if not path:
@@ -85,12 +91,13 @@ def lds_command(
 
 
 @verify_app.command("retrain", help="Remove each method's top-k proponents of some targets, retrain, measure the drop.")
+@with_attribution_settings
 def retrain_command(
     run: Run, directory: Directory = None, methods: Methods = "trak,embedding,random",
     targets: Annotated[int, typer.Option(help="The first N targets of the plan are tested.")] = 4,
     k: Annotated[str, typer.Option(help="Comma-separated numbers of proponents removed.")] = "10,20,40",
-    n_targets: NTargets = 50, checkpoints: Checkpoints = 3, proj_dim: ProjDim = 1024, features: Features = "auto",
-    workers: Workers = 1, seed: Seed = 0, progress: Progress = True,
+    n_targets: NTargets = 50, checkpoints: Checkpoints = None, workers: Workers = 1, progress: Progress = True,
+    settings: AttributionSettings = AttributionSettings(),
 ) -> None:
     import csv
 
@@ -99,8 +106,8 @@ def retrain_command(
 
     directory = directory or run / "verify"
     with reported_errors():
-        plan = create_plan(directory, run, n_targets=n_targets, seed=seed)
-        matrices = _scores(run, directory, methods, checkpoints, proj_dim, features, seed, progress)
+        plan = create_plan(directory, run, n_targets=n_targets, seed=settings.seed)
+        matrices = _scores(run, directory, methods, checkpoints, settings, progress)
         ks = [int(value) for value in k.split(",") if value.strip()]
         rows = remove_and_retrain(directory, matrices, list(range(min(targets, len(plan.target_ids)))), ks,
                                   workers=workers, progress=progress)

@@ -38,7 +38,9 @@ from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
 from cliptrace.notices import CliptraceWarning
 from cliptrace.train.config import run_data_options
+from cliptrace.data.policy import BadSamplePolicy
 from cliptrace.trak.attribute import Attribution, attribute, data_fingerprint
+from cliptrace.trak.settings import DEFAULT_METHOD, AttributionSettings
 from cliptrace.trak.gradients import parameter_fingerprint
 
 TARGETS_PER_PAGE = 100
@@ -96,12 +98,12 @@ def build_report(
     target_split: str = "test",
     top_k: int = 8,
     methods: Sequence[str] = ("decomposition", "chefer"),
-    checkpoints: int | None = 3,
-    proj_dim: int = 1024,
-    bank_size: int = 1024,
-    batch_size: int = 32,
+    checkpoints: int | None = None,
+    attribution_method: str = DEFAULT_METHOD,
+    settings: AttributionSettings = AttributionSettings(),
+    store_dir: str | Path | None = None,
+    on_bad_sample: str | BadSamplePolicy = "fail",
     self_influence_top: int = 100,
-    seed: int = 0,
     progress: bool = True,
 ) -> ReportSummary:
     """Compute what a report needs for a training run and write it.
@@ -113,17 +115,17 @@ def build_report(
             over.
         out: The report folder (default: ``RUN/report``); replaced if it exists.
         targets: Records to explain; default: the originals of planted near-duplicates (shapes world), then
-            ``n_targets`` records of ``target_split`` drawn with ``seed``.
+            ``n_targets`` records of ``target_split`` drawn with ``settings.seed``.
         n_targets: Held-out targets when ``targets`` is not given.
         target_split: Their split.
         top_k: Proponents and opponents shown per target.
         methods: Input-attribution methods shown per target (see :func:`cliptrace.explain.method_names`).
-        checkpoints: TRAK ensembles the last ``checkpoints`` checkpoints (all when None).
-        proj_dim: TRAK projection dimension.
-        bank_size: Training pairs in the CLIP margin's negative bank.
-        batch_size: Records featurized at once.
+        checkpoints: The attribution ensembles the last ``checkpoints`` checkpoints (all when None).
+        attribution_method: The data-attribution method (:data:`cliptrace.attribution.METHODS`).
+        settings: Its settings; ``settings.seed`` also seeds the target draw.
+        store_dir: Its feature store (default: the run's store for these settings).
+        on_bad_sample: ``"fail"`` at the first bad training sample, or ``"skip"`` bad samples (as the run did).
         self_influence_top: Training pairs listed on the self-influence page.
-        seed: Seeds the target draw and TRAK.
         progress: Show progress bars.
 
     Raises:
@@ -134,7 +136,8 @@ def build_report(
     run_dir = Path(run_dir)
     data = Path(data) if data is not None else _run_data(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    records = (run_data_options(run_dir, data_options) or DataOptions()).load(data)
+    policy = on_bad_sample if isinstance(on_bad_sample, BadSamplePolicy) else BadSamplePolicy(on_bad_sample)
+    records = policy.screen(policy.load(data, run_data_options(run_dir, data_options)))
     train = select_split(records, "train")
     if not train:
         raise ValueError(f"{data}: no records in split 'train'")
@@ -142,12 +145,12 @@ def build_report(
     lds = _read_lds(run_dir / "verify" / "lds.json")  # before the long computations: a broken file fails now
     metrics, eval_split = held_out_metrics(run_dir, model, records)
     if targets is None:
-        targets = planted_targets(data, train) + _draw(select_split(records, target_split), n_targets, seed)
+        targets = planted_targets(data, train) + _draw(select_split(records, target_split), n_targets, settings.seed)
     if not targets:
         raise ValueError(f"{data}: no targets (split {target_split!r} is empty)")
-    attribution = attribute(run_dir, train, list(targets), checkpoints=checkpoints, proj_dim=proj_dim,
-                            bank_size=bank_size, batch_size=batch_size, seed=seed, top_k=top_k,
-                            full_scores=False, progress=progress)
+    attribution = attribute(run_dir, train, list(targets), method=attribution_method, settings=settings,
+                            checkpoints=checkpoints, store_dir=store_dir, top_k=top_k, full_scores=False,
+                            progress=progress)
     plan = _planted_plan(data)
     planted = _planted(plan, attribution, self_influence_top)
 
@@ -156,7 +159,7 @@ def build_report(
     (partial / "targets").mkdir(parents=True)
     pages = _Pages(partial, run_dir.name, len(attribution.targets), _badges(plan))
     split_counts = {split: len(select_split(records, split)) for split in ("train", "val", "test")}
-    pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, proj_dim,
+    pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, settings,
                 top_k, _training_curve(run_dir, partial / "assets" / "training.png"),
                 _verification(run_dir, lds, partial))
     pages.target_lists(attribution)
@@ -201,7 +204,7 @@ class _Pages:
 
     def index(self, data: Path, split_counts: dict[str, int], model: DualEncoder, run_dir: Path, metrics: dict,
               eval_split: str, attribution: Attribution, methods: Sequence[str], planted: Planted | None,
-              proj_dim: int, top_k: int, curve: Path | None, verification: dict | None) -> None:
+              settings: AttributionSettings, top_k: int, curve: Path | None, verification: dict | None) -> None:
         config = _read_json(run_dir / "config.json") or {}
         data_facts = [("dataset", str(data)), *[(f"{split} records", count) for split, count in split_counts.items()]]
         model_facts = [("adapter", type(model).__name__),
@@ -211,7 +214,8 @@ class _Pages:
         self.render("index.html", "index.html", title="Model card", data_facts=data_facts, model_facts=model_facts,
                     metric_facts=_metric_facts(metrics), eval_split=eval_split, planted=planted, top_k=top_k,
                     curve=None if curve is None else "assets/training.png", n_train=len(attribution.train),
-                    checkpoints=attribution.checkpoints, proj_dim=proj_dim, methods=methods,
+                    checkpoints=attribution.checkpoints, proj_dim=settings.proj_dim, methods=methods,
+                    attribution_method=attribution.method, damping=settings.describe_damping(),
                     verification=verification)
 
     def target_lists(self, attribution: Attribution) -> None:

@@ -12,10 +12,12 @@ from cliptrace.trak.features import ExactFeaturizer, Featurizer
 from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
 from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_kernel
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.trak.store import FeatureStore, StoreMismatchError
 from cliptrace.trak.traker import TRAKer
 
 __all__ = [
+    "AttributionSettings",
     "ClipMargin",
     "CountSketchProjector",
     "DenseProjector",

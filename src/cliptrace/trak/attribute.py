@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,33 +38,14 @@ from cliptrace.train.config import run_data_options
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
 from cliptrace.trak.outputs import ClipMargin
-from cliptrace.trak.scoring import EnsembleScorer, TopK, identity_kernel, solve_checkpoint, stored_kernel
+from cliptrace.trak.scoring import TopK
+from cliptrace.trak.settings import AttributionSettings, default_store_root
 from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError, StoreDamagedError, StoreMismatchError
 
+if TYPE_CHECKING:
+    from cliptrace.attribution.base import DataAttributor
+
 ModelSource = DualEncoder | str | Path
-
-
-@dataclass(frozen=True)
-class AttributionSettings:
-    """Everything that defines the features and scores (see :func:`attribute` for the meaning of each)."""
-
-    proj_dim: int | None = 2048
-    projection: str = "rademacher"
-    seed: int = 0
-    bank_size: int = 1024
-    parameters: tuple[str, ...] | None = None
-    lambda_reg: float = 0.0
-    batch_size: int = 16
-    score_dtype: str = "float32"
-    device: str = "cpu"
-    features: str = "auto"
-    layer_dim: int = 32
-    other_parameters: str = "exclude"
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """``score_dtype`` as a torch dtype."""
-        return torch.float64 if self.score_dtype == "float64" else torch.float32
 
 
 @dataclass
@@ -78,6 +59,8 @@ class Attribution:
         self_influence: (n,) self-influence of each training record.
         scores: (n, t) score matrix, or None when only top-k was asked for.
         checkpoints: Ids of the checkpoints in the ensemble.
+        method: The registered name of the method that scored them.
+        notes: What the method chose on its own, per checkpoint (e.g. TRAK's ridge term).
     """
 
     train: list[Record]
@@ -86,6 +69,8 @@ class Attribution:
     self_influence: np.ndarray
     scores: np.ndarray | None = None
     checkpoints: list[str] = field(default_factory=list)
+    method: str = "trak"
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def top_k_rows(self) -> list[dict[str, Any]]:
         """One row per (target, kind, rank): ids, captions and image paths of the target and the training record."""
@@ -127,7 +112,8 @@ class Attribution:
             files = {name: renames.enter_context(atomic_file(directory / name))
                      for name in ("ids.json", "topk.csv", "self_influence.csv", "topk.json")}
             write_json(files["ids.json"], {"train": [r.id for r in self.train],
-                                           "targets": [r.id for r in self.targets], "checkpoints": self.checkpoints})
+                                           "targets": [r.id for r in self.targets], "checkpoints": self.checkpoints,
+                                           "method": self.method, "notes": self.notes})
             _write_csv(files["topk.csv"], top_rows)
             _write_csv(files["self_influence.csv"], self.self_influence_rows())
             files["topk.json"].write_text(json.dumps(top_rows, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -288,7 +274,7 @@ def record_features(
 
 
 @dataclass
-class _Checkpoint:
+class LoadedCheckpoint:
     """One checkpoint, loaded: its model and featurizer."""
 
     id: str
@@ -296,9 +282,9 @@ class _Checkpoint:
     featurizer: Featurizer
 
 
-def _load_checkpoint(
+def load_checkpoint_featurizer(
     checkpoint_id: str, source: Any, train: Sequence[Record], loader: ImageLoader, settings: AttributionSettings
-) -> _Checkpoint:
+) -> LoadedCheckpoint:
     model = source if isinstance(source, DualEncoder) else load_model(source)
     model = model.to(settings.device).eval()
     if settings.torch_dtype == torch.float64:
@@ -317,11 +303,11 @@ def _load_checkpoint(
                                  projection=settings.projection, seed=settings.seed, parameters=settings.parameters,
                                  layer_dim=settings.layer_dim, other_parameters=settings.other_parameters)
     output.prepare(model)
-    return _Checkpoint(checkpoint_id, model, featurizer)
+    return LoadedCheckpoint(checkpoint_id, model, featurizer)
 
 
 @contextmanager
-def _naming_records(records: Sequence[Record]) -> Iterator[None]:
+def naming_records(records: Sequence[Record]) -> Iterator[None]:
     """Add the record ids of the rows a :class:`StoreDamagedError` lost to its message (row i is ``records[i]``)."""
     try:
         yield
@@ -332,7 +318,7 @@ def _naming_records(records: Sequence[Record]) -> Iterator[None]:
         raise StoreDamagedError(f"{error} (record ids {ids})", error.rows) from None
 
 
-def _store(directory: Path, train_size: int, train_digest: str, featurizer: Featurizer,
+def feature_store(directory: Path, train_size: int, train_digest: str, featurizer: Featurizer,
            settings: AttributionSettings, checkpoint_id: str) -> FeatureStore:
     """The feature store of the training set (``train_digest``: its :func:`data_fingerprint`), refusing one made
     with other settings than those of ``checkpoint_id``'s ``featurizer``."""
@@ -343,7 +329,7 @@ def _store(directory: Path, train_size: int, train_digest: str, featurizer: Feat
         raise StoreMismatchError(f"checkpoint {checkpoint_id!r}: {error}") from None
 
 
-def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featurizer) -> FeatureStore:
+def target_store(store: FeatureStore, targets: list[Record], featurizer: Featurizer) -> FeatureStore:
     """The store of the target features, ``STORE/targets/DIGEST`` (DIGEST of the target records)."""
     digest = data_fingerprint(targets)
     settings = {**featurizer.settings(), "train_data": store.settings["train_data"], "target_data": digest}
@@ -351,7 +337,7 @@ def _target_store(store: FeatureStore, targets: list[Record], featurizer: Featur
                         dtype=store.dtype.name)
 
 
-def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: Sequence[Record],
+def featurize_rows(store: FeatureStore, checkpoint: LoadedCheckpoint, records: Sequence[Record],
                     train_index: Sequence[int], loader: ImageLoader, settings: AttributionSettings, description: str,
                     progress: bool, ranks: Ranks | None) -> None:
     """Featurize the rows of ``store`` still missing under ``checkpoint``, batch by batch (row i is ``records[i]``,
@@ -365,7 +351,7 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: Seque
     rows = store.claim(checkpoint.id, shard_of(ranks), align=settings.batch_size)
     try:
         batches = RecordBatches(checkpoint.model, records, loader, settings.batch_size)
-        with _naming_records(records):
+        with naming_records(records):
             missing = store.missing(checkpoint.id, rows)
         batch_starts = np.flatnonzero(np.diff(missing // settings.batch_size)) + 1
         chunks = [block.tolist() for block in np.split(missing, batch_starts) if block.size]
@@ -381,48 +367,58 @@ def _featurize_rows(store: FeatureStore, checkpoint: _Checkpoint, records: Seque
     barrier(ranks)
 
 
-def _featurize_checkpoint(checkpoint: _Checkpoint, store: FeatureStore, train: Sequence[Record], loader: ImageLoader,
-                          settings: AttributionSettings, progress: bool, ranks: Ranks | None) -> None:
-    """Featurize the training set under ``checkpoint`` and solve its kernel (on rank 0 of a distributed job)."""
-    _featurize_rows(store, checkpoint, train, range(len(train)), loader, settings, f"Featurizing {checkpoint.id}",
-                    progress, ranks)
-    if is_main(ranks):
-        with _naming_records(train):
-            if store.kernel(checkpoint.id) is None:
-                solve_checkpoint(store, checkpoint.id, settings.lambda_reg, settings.torch_dtype, settings.device)
-            else:
-                store.features(checkpoint.id)  # every stored row is still finite
-    barrier(ranks)
+def _training_side(model: ModelSource, train: Sequence[Record], checkpoints: int | Sequence[str | Path] | None,
+                   store_dir: str | Path | None, progress: bool, ranks: Ranks | None) -> Any:
+    """The :class:`~cliptrace.attribution.base.TrainingSide` of ``model``'s checkpoints: its stores go to
+    ``store_dir`` when given, else under ``RUN/trak/features`` for a run (one folder per feature setting), else
+    under a new temporary directory."""
+    from cliptrace.attribution.base import TrainingSide
+
+    sources = resolve_checkpoints(model, checkpoints)
+    run = None if isinstance(model, DualEncoder) else Path(model)
+    root = None
+    if store_dir is None:
+        if run is not None and list_checkpoints(run):
+            root = default_store_root(run)
+        elif shard_of(ranks) is not None:
+            raise ValueError("a distributed attribution needs a store_dir that every process shares")
+        else:
+            root = Path(tempfile.mkdtemp(prefix="cliptrace-trak-"))
+    return TrainingSide(sources, train, store_root=root, store_dir=None if store_dir is None else Path(store_dir),
+                        progress=progress and is_main(ranks), ranks=ranks)
 
 
 def featurize(
     model: ModelSource,
     train: Sequence[Record] | str | Path,
     *,
-    store_dir: str | Path,
+    method: str = "trak",
+    settings: AttributionSettings = AttributionSettings(),
+    store_dir: str | Path | None = None,
     checkpoints: int | Sequence[str | Path] | None = None,
     train_split: str | None = "train",
-    settings: AttributionSettings = AttributionSettings(),
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
     ranks: Ranks | None = None,
     data_options: DataOptions | None = None,
-) -> FeatureStore:
-    """Featurize the training set under every checkpoint into ``store_dir`` (resuming whatever is already there).
+) -> DataAttributor:
+    """Prepare ``method`` on the training set: featurize it under every checkpoint (resuming whatever the store
+    holds already) and solve the kernels; returns the prepared method (see :mod:`cliptrace.attribution`).
 
     ``on_bad_sample`` applies to a dataset path ``train``, as in :func:`read_records`. With ``ranks`` (e.g. a
     launched :class:`~lightning.fabric.Fabric`, see :mod:`cliptrace.distributed`) every process of the job calls
     this, each featurizes its shard of the rows into the shared store, and rank 0 solves the kernels; the store is
     the one a single process would write. ``data_options`` reads a dataset path ``train``: for a training run
     directory ``model``, its options with those set here taking over (see :func:`source_data_options`).
+    ``store_dir`` is the feature store (default: ``RUN/trak/features/NAME``, NAME from the feature settings, for a
+    run; a temporary directory for a model).
     """
+    from cliptrace.attribution.registry import make_method
+
+    attributor = make_method(method, settings)
     records = read_records(train, train_split, on_bad_sample, source_data_options(model, data_options))
-    loader, digest = ImageLoader(), data_fingerprint(records)
-    for checkpoint_id, source in resolve_checkpoints(model, checkpoints):
-        checkpoint = _load_checkpoint(checkpoint_id, source, records, loader, settings)
-        store = _store(Path(store_dir), len(records), digest, checkpoint.featurizer, settings, checkpoint_id)
-        _featurize_checkpoint(checkpoint, store, records, loader, settings, progress and is_main(ranks), ranks)
-    return store
+    attributor.prepare(_training_side(model, records, checkpoints, store_dir, progress, ranks))
+    return attributor
 
 
 def attribute(
@@ -430,31 +426,20 @@ def attribute(
     train: Sequence[Record] | str | Path,
     targets: Sequence[Record] | str | Path,
     *,
+    method: str = "trak",
+    settings: AttributionSettings = AttributionSettings(),
     checkpoints: int | Sequence[str | Path] | None = None,
-    proj_dim: int | None = 2048,
-    projection: str = "rademacher",
-    seed: int = 0,
-    bank_size: int = 1024,
-    parameters: Sequence[str] | None = None,
-    lambda_reg: float = 0.0,
-    batch_size: int = 16,
-    score_dtype: str = "float32",
-    device: str = "cpu",
-    features: str = "auto",
-    layer_dim: int = 32,
-    other_parameters: str = "exclude",
     store_dir: str | Path | None = None,
     train_split: str | None = "train",
     target_split: str | None = "test",
     top_k: int = 10,
     full_scores: bool = True,
-    kernel: str = "trak",
     progress: bool = False,
     on_bad_sample: str | BadSamplePolicy = "fail",
     ranks: Ranks | None = None,
     data_options: DataOptions | None = None,
 ) -> Attribution | None:
-    """TRAK attribution of ``targets`` to the ``train`` records, ensembled over checkpoints.
+    """Attribution of ``targets`` to the ``train`` records by ``method``, over an ensemble of checkpoints.
 
     In a distributed job (``ranks``, see :func:`featurize`) the processes share the featurization of the training
     set and of the targets; rank 0 then scores and returns the attribution, the other ranks return None.
@@ -463,30 +448,17 @@ def attribute(
         model: A DualEncoder, a model directory, or a run directory from ``cliptrace train``.
         train: Training records, or a dataset path (its ``train_split``).
         targets: Target records, or a dataset path (its ``target_split``).
+        method: A registered method (:data:`cliptrace.attribution.METHODS`).
+        settings: Features, ridge term, device and batching (:class:`~cliptrace.trak.settings.AttributionSettings`).
         checkpoints: For a run: None (all checkpoints), K (the last K) or checkpoint names/paths.
-        proj_dim: Feature dimension (None: raw gradients, no projection).
-        projection: ``"rademacher"`` or ``"gaussian"``.
-        seed: Seed of the projection and of the negative-bank draw.
-        bank_size: Training pairs in the CLIP margin's negative bank.
-        parameters: Parameter names/globs to differentiate (default: all trainable).
-        lambda_reg: Ridge term λ of the kernel.
-        batch_size: Records featurized at once.
-        score_dtype: ``"float32"`` or ``"float64"`` (float64 also runs the model in float64).
-        device: Torch device.
-        features: ``"factored"``, ``"exact"`` or ``"auto"`` (factored unless ``proj_dim`` is None); see
-            :mod:`cliptrace.trak.factored`.
-        layer_dim: Width each side of a layer is projected to on the factored path.
-        other_parameters: Factored path: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
-            the layers it supports (CLIP's class embedding and logit scale).
-        store_dir: Feature store directory (default: ``RUN/trak/store`` for a run, else a temporary one).
-            Features already there are reused; other settings in it are an error. Target features are kept
-            in ``STORE/targets/`` too, so an interrupted run resumes where it stopped.
+        store_dir: Feature store directory (default: one folder per feature setting under ``RUN/trak/features``
+            for a run, else a temporary one). Features already there are reused; other settings in it are an
+            error. Target features are kept in ``STORE/targets/`` too, so an interrupted run resumes where it
+            stopped.
         train_split: Split of ``train`` when it is a path.
         target_split: Split of ``targets`` when it is a path.
         top_k: Proponents and opponents kept per target.
         full_scores: Also return the full n × t score matrix.
-        kernel: ``"trak"``, the kernel regression (XᵀX + λI)⁻¹; or ``"identity"``, plain projected-gradient dot
-            products ``Q̄ ⊙ XΦᵀ`` (TracIn-style, a baseline that TRAK's kernel improves on).
         progress: Show progress bars (on rank 0).
         on_bad_sample: For dataset paths: ``"fail"``, ``"skip"`` or a :class:`BadSamplePolicy` (see
             :func:`read_records`).
@@ -494,51 +466,9 @@ def attribute(
         data_options: How dataset paths ``train`` and ``targets`` are read: for a training run directory ``model``,
             its options (its ``config.json``) with those set here taking over, else these (the defaults when None).
     """
-    if kernel not in ("trak", "identity"):
-        raise ValueError(f"kernel must be 'trak' or 'identity', got {kernel!r}")
-    settings = AttributionSettings(proj_dim, projection, seed, bank_size, tuple(parameters) if parameters else None,
-                                   lambda_reg, batch_size, score_dtype, device, features, layer_dim, other_parameters)
     data_options = source_data_options(model, data_options)
-    train_records = read_records(train, train_split, on_bad_sample, data_options)
     target_records = read_records(targets, target_split, on_bad_sample, data_options)
-    sources = resolve_checkpoints(model, checkpoints)
-    if store_dir is None:
-        run = None if isinstance(model, DualEncoder) else Path(model)
-        if (run is None or not list_checkpoints(run)) and shard_of(ranks) is not None:
-            raise ValueError("a distributed attribution needs a store_dir that every process shares")
-        store_dir = run / "trak" / "store" if run is not None and list_checkpoints(run) else tempfile.mkdtemp(
-            prefix="cliptrace-trak-")
-    progress = progress and is_main(ranks)
-    position = {record.id: i for i, record in enumerate(train_records)}
-    target_index = [position.get(record.id, -1) for record in target_records]
-    loader, digest = ImageLoader(), data_fingerprint(train_records)
-    kernels, loss_weights, train_features, target_features = [], [], [], []
-    for checkpoint_id, source in sources:
-        checkpoint = _load_checkpoint(checkpoint_id, source, train_records, loader, settings)
-        store = _store(Path(store_dir), len(train_records), digest, checkpoint.featurizer, settings, checkpoint_id)
-        _featurize_checkpoint(checkpoint, store, train_records, loader, settings, progress, ranks)
-        targets_store = _target_store(store, target_records, checkpoint.featurizer)
-        _featurize_rows(targets_store, checkpoint, target_records, target_index, loader, settings,
-                        f"Targets under {checkpoint_id}", progress, ranks)
-        if not is_main(ranks):
-            continue
-        with _naming_records(train_records):
-            features, q = store.features(checkpoint_id)
-        train_features.append(features)
-        loss_weights.append(q)
-        kernels.append(stored_kernel(store, checkpoint_id) if kernel == "trak"
-                       else identity_kernel(features, settings.torch_dtype))
-        with _naming_records(target_records):
-            target_features.append(targets_store.features(checkpoint_id)[0])
-    if not is_main(ranks):
-        return None
-    scorer = EnsembleScorer(kernels, train_features, loss_weights)
-    exclude = torch.as_tensor(target_index) if max(target_index) >= 0 else None
-    return Attribution(
-        train=train_records,
-        targets=target_records,
-        top=scorer.top_k(target_features, top_k, exclude=exclude),
-        self_influence=scorer.self_influence().numpy(),
-        scores=scorer.score(target_features).numpy() if full_scores else None,
-        checkpoints=[checkpoint_id for checkpoint_id, _ in sources],
-    )
+    attributor = featurize(model, train, method=method, settings=settings, store_dir=store_dir,
+                           checkpoints=checkpoints, train_split=train_split, progress=progress,
+                           on_bad_sample=on_bad_sample, ranks=ranks, data_options=data_options)
+    return attributor.attribution(target_records, top_k=top_k, full_scores=full_scores)

@@ -49,9 +49,8 @@ from cliptrace.trak.features import ExactFeaturizer, Featurizer, parameter_set_s
 from cliptrace.trak.gradients import per_example_gradients, select_parameters
 from cliptrace.trak.outputs import ModelOutput
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
+from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES
 
-OTHER_PARAMETER_POLICIES = ("exclude", "exact", "error")
-FEATURE_PATHS = ("auto", "factored", "exact")
 
 
 def has_batch_outputs(output: ModelOutput) -> bool:

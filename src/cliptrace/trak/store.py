@@ -11,6 +11,8 @@ tool)::
     STORE/checkpoints/ID/kernel.npy          the solved kernel, written once all rows are done:
                                              (k, k) lower Cholesky factor of XᵀX + λI when k ≤ n,
                                              (n, k) W = (XXᵀ + λI)⁻¹X when k > n (see cliptrace.trak.scoring)
+    STORE/checkpoints/ID/kernel.json         how its ridge term was set (the request and the λ used), written
+                                             after kernel.npy: a kernel without it is solved again
     STORE/checkpoints/ID/writer.lock         held by the writer of the checkpoint (shared by shard writers)
     STORE/checkpoints/ID/shard-R-of-W.lock   held by the writer of one shard
 
@@ -616,8 +618,9 @@ class FeatureStore:
         self._finite[checkpoint] = stamp
         return features, loss_weights
 
-    def save_kernel(self, checkpoint: str, matrix: np.ndarray) -> None:
-        """Store the solved kernel matrix of a fully featurized checkpoint (atomically).
+    def save_kernel(self, checkpoint: str, matrix: np.ndarray, info: dict[str, Any] | None = None) -> None:
+        """Store the solved kernel matrix of a fully featurized checkpoint (atomically), with ``info``: how its
+        ridge term was set (the request under ``"request"``, the λ used under ``"lambda_reg"``).
 
         Raises:
             StoreBusyError: Another process holds the checkpoint or a shard of it.
@@ -631,19 +634,34 @@ class FeatureStore:
         if held is None:
             self.claim(checkpoint)
         try:
+            (folder / "kernel.json").unlink(missing_ok=True)  # a kernel.npy without it is never taken as solved
             save_npy_atomic(folder / "kernel.npy", matrix)
+            write_json_atomic(folder / "kernel.json", info or {})
         finally:
             if held is None:
                 self.release(checkpoint)
 
-    def kernel(self, checkpoint: str) -> np.ndarray | None:
-        """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved.
+    def kernel_info(self, checkpoint: str) -> dict[str, Any] | None:
+        """What :meth:`save_kernel` stored beside the kernel of ``checkpoint``; None when it is not solved."""
+        path = self._dir(checkpoint) / "kernel.json"
+        if not (path.is_file() and (self._dir(checkpoint) / "kernel.npy").is_file()):
+            return None
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # a damaged note: the kernel is solved again
+        return info if isinstance(info, dict) else None
+
+    def kernel(self, checkpoint: str, request: dict[str, Any] | None = None) -> np.ndarray | None:
+        """The solved kernel matrix of ``checkpoint`` (read-only memory map), or None when it is not solved (or,
+        with ``request``, solved for another ridge-term request than ``request``).
 
         Raises:
             StoreDamagedError: The kernel file is damaged or not finite; it is now removed, to be solved again.
         """
         path = self._dir(checkpoint) / "kernel.npy"
-        if not path.is_file():
+        info = self.kernel_info(checkpoint)
+        if info is None or (request is not None and info.get("request") != request):
             return None
         n, k = self.train_size, self.proj_dim
         damage = _inspect(path, (k, k) if k <= n else (n, k), (np.dtype(np.float32), np.dtype(np.float64)),
