@@ -54,9 +54,9 @@ def floats(text: str) -> list[float]:
     return [float(value) for value in text.split(",") if value.strip()]
 
 
-def prepare(cache: Path, *, models: int, alpha: float, targets: int, workers: int, seed: int) -> None:
-    """Build the world, the run and the subset models under ``cache`` (each step skipped when done)."""
-    world, run, verify = cache / "world", cache / "run", cache / "verify"
+def build_run(cache: Path) -> None:
+    """Build the shapes world and the run under ``cache`` (each step skipped when done)."""
+    world, run = cache / "world", cache / "run"
     cli = [sys.executable, "-m", "cliptrace"]
     if not (world / "captions.csv").is_file():
         subprocess.run([*cli, "data", "shapes", str(world), "--n-images", "1000", "--image-size", "32",
@@ -65,10 +65,14 @@ def prepare(cache: Path, *, models: int, alpha: float, targets: int, workers: in
         subprocess.run([*cli, "train", str(world / "captions.csv"), "--out", str(run), "--image-size", "32",
                         "--vocab-size", "512", "--epochs", "16", "--save-every", "4", "--batch-size", "64",
                         "--warmup-steps", "20"], check=True)
-    create_plan(verify, run, n_targets=targets, bank_size=100, seed=seed)
+
+
+def subset_models(cache: Path, *, models: int, alpha: float, workers: int, seed: int) -> None:
+    """Train the subset models of the verification plan ``cache/verify`` (those missing)."""
     began = time.perf_counter()
-    linear_datamodeling(verify, {}, n_models=models, alpha=alpha, seed=seed, workers=workers, progress=True)
-    print(f"subset models ready in {verify} ({time.perf_counter() - began:.0f} s)", flush=True)
+    linear_datamodeling(cache / "verify", {}, n_models=models, alpha=alpha, seed=seed, workers=workers,
+                        progress=True)
+    print(f"subset models ready in {cache / 'verify'} ({time.perf_counter() - began:.0f} s)", flush=True)
 
 
 def store_bytes(directory: Path) -> int:
@@ -126,7 +130,7 @@ def cliptrace_rows(run: Path, train: list[Record], targets: list[Record], grader
                         "bytes_per_example": stored / len(train), "notes": result.notes}
         print(f"{method}: {rows[method]['lds']}", flush=True)
     sweep: dict[str, dict] = {}
-    for damping in dampings:
+    for damping in dampings if "trak" in methods else ():
         chosen = settings.replace(damping=damping)
         began = time.perf_counter()
         result = attribute(run, train, targets, method="trak", settings=chosen, store_dir=stores / "trak",
@@ -153,31 +157,46 @@ def record_means(pair_scores: np.ndarray, owner: np.ndarray, n_records: int) -> 
     return sums / counts[:, None]
 
 
-def traker_row(run: Path, train: list[Record], targets: list[Record], grader: Grader, work: Path, *,
-               proj_dim: int, bank_size: int, batch_size: int, threads: int, seed: int) -> dict:
-    """traker 0.3.2's TRAK on every checkpoint of the run; a record's score is the mean over its pairs."""
-    checkpoints = list_checkpoints(run)
-    work.mkdir(parents=True, exist_ok=True)
-    owner = np.array([row for row, record in enumerate(train) for _ in record.captions])
-    train_pairs = [(record.image, caption) for record in train for caption in record.captions]
-    target_pairs = [(record.image, record.captions[0]) for record in targets]
-    model = trak_vs_traker.load_models([str(checkpoints[-1])])[0]
-    torch.save(trak_vs_traker.encode_inputs(model, train_pairs, target_pairs), work / "inputs.pt")
-    bank = min(bank_size, len(train_pairs) - 1)  # traker draws its bank from pairs 1..n-1, without replacement
-    config = {"checkpoints": [str(path) for path in checkpoints], "proj_dim": proj_dim, "batch_size": batch_size,
-              "bank_size": bank, "seed": seed, "threads": threads}
-    (work / "config.json").write_text(json.dumps(config, indent=1))
-    subprocess.run([sys.executable, str(BENCHMARKS / "trak_vs_traker.py"), "_worker", "--lib", "traker",
-                    "--inputs", str(work / "inputs.pt"), "--config", str(work / "config.json"), "--result",
-                    str(work), "--tag", "traker"], check=True, env={**os.environ, "TQDM_DISABLE": "1"})
-    phases = json.loads((work / "traker_phases.json").read_text())["phases"]
-    scores = record_means(np.load(work / "traker_scores.npy"), owner, len(train))
-    stored = json.loads((work / "traker_phases.json").read_text())["stored_bytes"]
-    return {"library": "traker 0.3.2", "lds": grader.lds(scores),
-            "featurize_s": sum(phases[p]["seconds"] for p in ("setup", "featurize", "finalize_features")),
-            "score_s": sum(phases[p]["seconds"] for p in ("score", "finalize_scores")),
-            "bytes_per_example": stored / len(train),
-            "notes": {"pairs": len(train_pairs), "bank_size": bank, "batch_size": batch_size}}
+class TrakerJob:
+    """traker 0.3.2's TRAK on every checkpoint of the run, in a subprocess started at once (:meth:`row` waits)."""
+
+    def __init__(self, run: Path, train: list[Record], targets: list[Record], work: Path, *, proj_dim: int,
+                 bank_size: int, batch_size: int, threads: int, seed: int) -> None:
+        checkpoints = list_checkpoints(run)
+        work.mkdir(parents=True, exist_ok=True)
+        self.work, self.n_train = work, len(train)
+        self.owner = np.array([row for row, record in enumerate(train) for _ in record.captions])
+        train_pairs = [(record.image, caption) for record in train for caption in record.captions]
+        target_pairs = [(record.image, record.captions[0]) for record in targets]
+        model = trak_vs_traker.load_models([str(checkpoints[-1])])[0]
+        torch.save(trak_vs_traker.encode_inputs(model, train_pairs, target_pairs), work / "inputs.pt")
+        bank = min(bank_size, len(train_pairs) - 1)  # traker draws its bank from pairs 1..n-1, without replacement
+        self.config = {"checkpoints": [str(path) for path in checkpoints], "proj_dim": proj_dim,
+                       "batch_size": batch_size, "bank_size": bank, "seed": seed, "threads": threads,
+                       "pairs": len(train_pairs)}
+        (work / "config.json").write_text(json.dumps(self.config, indent=1))
+        for stale in ("traker_scores.npy", "traker_phases.json"):
+            (work / stale).unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(BENCHMARKS / "trak_vs_traker.py"), "_worker", "--lib", "traker", "--inputs",
+             str(work / "inputs.pt"), "--config", str(work / "config.json"), "--result", str(work), "--tag",
+             "traker"], env={**os.environ, "TQDM_DISABLE": "1"})
+
+    def row(self, grader: Grader) -> dict:
+        """Wait for traker; its LDS (a record's score: the mean over its pairs), phase times and stored bytes.
+
+        Raises:
+            RuntimeError: The traker worker failed.
+        """
+        if self.process.wait() != 0:
+            raise RuntimeError(f"the traker worker exited with status {self.process.returncode} (see its output)")
+        report = json.loads((self.work / "traker_phases.json").read_text())
+        phases = report["phases"]
+        scores = record_means(np.load(self.work / "traker_scores.npy"), self.owner, self.n_train)
+        return {"library": "traker 0.3.2", "lds": grader.lds(scores),
+                "featurize_s": sum(phases[p]["seconds"] for p in ("setup", "featurize", "finalize_features")),
+                "score_s": sum(phases[p]["seconds"] for p in ("score", "finalize_scores")),
+                "bytes_per_example": report["stored_bytes"] / self.n_train, "notes": self.config}
 
 
 def dattri_reason() -> str:
@@ -205,7 +224,8 @@ def markdown(rows: dict[str, dict], sweep: dict[str, dict], comparisons: dict[st
     for name, row in sorted(rows.items(), key=lambda item: -item[1]["lds"].mean):
         lines.append(f"| {name} | {row['library']} | {fmt(row['lds'])} | {row['featurize_s']:.1f} | "
                      f"{row['score_s']:.1f} | {row['bytes_per_example']:,.0f} |")
-    lines += ["", "| TRAK damping (× mean diag XᵀX) | LDS [95 % CI] | scoring s (store reused) |", "|---|---|---|"]
+    lines += ["", "| TRAK damping (× mean diag XᵀX) | LDS [95 % CI] | solve + scoring s (features reused) |",
+              "|---|---|---|"]
     for row in sweep.values():
         lines.append(f"| {row['damping']:g} | {fmt(row['lds'])} | {row['score_s']:.1f} |")
     lines += ["", "| paired comparison (bootstrap over targets) | estimate [95 % CI] |", "|---|---|"]
@@ -238,26 +258,29 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
-    prepare(args.cache, models=args.models, alpha=args.alpha, targets=args.targets, workers=args.workers,
-            seed=args.seed)
-    if args.prepare:
-        return
-
     run, verify = args.cache / "run", args.cache / "verify"
+    build_run(args.cache)
     plan = create_plan(verify, run, n_targets=args.targets, bank_size=100, seed=args.seed)
     by_id = {record.id: record for record in load_records(plan.config["data"])}
     train, targets = [by_id[i] for i in plan.train_ids], [by_id[i] for i in plan.target_ids]
+    settings = defaults.replace(proj_dim=args.proj_dim, seed=args.seed)
+    traker = None
+    if "traker" in args.peers and not args.prepare:  # one thread beside the subset models and cliptrace's methods
+        traker = TrakerJob(run, train, targets, args.cache / "traker", proj_dim=args.proj_dim,
+                           bank_size=settings.bank_size, batch_size=args.traker_batch_size, threads=args.threads,
+                           seed=args.seed)
+    subset_models(args.cache, models=args.models, alpha=args.alpha, workers=args.workers, seed=args.seed)
+    if args.prepare:
+        return
     jobs, masks = subset_jobs(verify, args.models, args.alpha, args.seed)
     grader = Grader(masks, load_outputs(verify, [job.name for job in jobs])["margin"], args.seed)
-    settings = defaults.replace(proj_dim=args.proj_dim, seed=args.seed)
 
     rows, sweep = cliptrace_rows(run, train, targets, grader, args.cache / "stores", args.methods, settings,
                                  args.damping_grid)
     notes = []
-    if "traker" in args.peers:
-        rows["traker TRAK"] = traker_row(run, train, targets, grader, args.cache / "traker", proj_dim=args.proj_dim,
-                                         bank_size=settings.bank_size, batch_size=args.traker_batch_size,
-                                         threads=args.threads, seed=args.seed)
+    if traker is not None:
+        print("\n" + markdown(rows, sweep, {}, [], "cliptrace methods (traker still running):"), flush=True)
+        rows["traker TRAK"] = traker.row(grader)
     if "dattri" in args.peers:
         notes.append(f"dattri 0.3.0 left out: {dattri_reason()}.")
 
