@@ -112,7 +112,7 @@ def dataset_path(run: Path, data: str | None) -> Path:
 def prepare_inputs(data: Path, checkpoint: Path, n_train: int, n_targets: int, n_copies: int,
                    out: Path) -> dict[str, Any]:
     """Preprocess training pairs and targets with the run's model; save them as tensors in ``out``."""
-    from cliptrace.data import ImageLoader, load_records, select_split
+    from cliptrace.data import load_records, select_split
 
     model = load_models([str(checkpoint)])[0]
     records = load_records(data)
@@ -125,6 +125,17 @@ def prepare_inputs(data: Path, checkpoint: Path, n_train: int, n_targets: int, n
     train_pairs = train_pairs[:n_train]
     copied = np.linspace(0, n_train - 1, n_copies).round().astype(int).tolist() if n_copies else []
     target_pairs = test_pairs[:n_targets] + [train_pairs[i] for i in copied]
+    inputs = encode_inputs(model, train_pairs, target_pairs)
+    inputs.update(copied=copied, n_test_targets=n_targets)
+    torch.save(inputs, out)
+    return inputs
+
+
+def encode_inputs(model: nn.Module, train_pairs: list[tuple[str, str]],
+                  target_pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Preprocessed pixels and tokens of (image path, caption) pairs, as both library workers read them."""
+    from cliptrace.data import ImageLoader
+
     loader = ImageLoader()
 
     def encode(pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -137,9 +148,7 @@ def prepare_inputs(data: Path, checkpoint: Path, n_train: int, n_targets: int, n
     for name, part in (("train", train), ("targets", targets)):
         if not torch.equal(part["attention_mask"].bool(), part["input_ids"] != pad):
             raise SystemExit(f"{name}: the attention mask is not `input_ids != pad`; the traker adapter needs it")
-    inputs = {"train": train, "targets": targets, "copied": copied, "n_test_targets": n_targets, "pad_id": pad}
-    torch.save(inputs, out)
-    return inputs
+    return {"train": train, "targets": targets, "pad_id": pad}
 
 
 def batches(count: int, size: int) -> list[torch.Tensor]:
@@ -304,11 +313,13 @@ def worker(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         scores = run(inputs, config, Path(save_dir) / "trak_results", meter)
         total = time.perf_counter() - start
+        stored_bytes = sum(path.stat().st_size for path in Path(save_dir).rglob("*") if path.is_file())
     tag = args.tag or args.lib
     np.save(result / f"{tag}_scores.npy", scores)
     (result / f"{tag}_phases.json").write_text(json.dumps(
-        {"phases": meter.results, "total_seconds": total, "peak_resets": meter.peak_resets,
-         "threads": torch.get_num_threads(), "library": _version(args.lib)}, indent=1))
+        {"phases": meter.results, "total_seconds": total, "stored_bytes": stored_bytes,
+         "peak_resets": meter.peak_resets, "threads": torch.get_num_threads(), "library": _version(args.lib)},
+        indent=1))
 
 
 def _version(lib: str) -> str:
