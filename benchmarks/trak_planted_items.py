@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import cliptrace
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.data.readers import load_records, select_split
 
 
@@ -52,11 +53,13 @@ def main() -> None:
 
     start = time.perf_counter()
     result = cliptrace.attribute(
-        args.run, train, [train[i] for i in originals], checkpoints=args.checkpoints, proj_dim=args.proj_dim,
-        seed=args.seed,
-        bank_size=args.bank_size, batch_size=args.batch_size, lambda_reg=args.lambda_reg, device=args.device,
-        features=args.features, layer_dim=args.layer_dim, other_parameters=args.other_parameters,
-        parameters=args.parameter, store_dir=args.store, top_k=5, full_scores=False, progress=True,
+        args.run, train, [train[i] for i in originals], checkpoints=args.checkpoints,
+        settings=AttributionSettings(proj_dim=args.proj_dim, seed=args.seed, bank_size=args.bank_size,
+                                     batch_size=args.batch_size, lambda_reg=args.lambda_reg, device=args.device,
+                                     features=args.features, layer_dim=args.layer_dim,
+                                     other_parameters=args.other_parameters,
+                                     parameters=tuple(args.parameter) if args.parameter else None),
+        store_dir=args.store, top_k=5, full_scores=False, progress=True,
     )
     seconds = time.perf_counter() - start
 

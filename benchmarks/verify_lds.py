@@ -27,6 +27,7 @@ from cliptrace.data.readers import load_records
 from cliptrace.stats import bootstrap_ci
 from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import linear_datamodeling, remove_and_retrain, removal_plot, subset_jobs
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.verify.methods import method_scores
 from cliptrace.verify.retrain import create_plan, load_outputs
 
@@ -81,9 +82,9 @@ def main() -> None:
                proj_dim: int = args.proj_dim, lambda_reg: float = args.lambda_reg) -> np.ndarray:
         store = args.dir / "stores" / f"{features}-{proj_dim}-{lambda_reg:g}"
         began = time.perf_counter()
-        matrix = method_scores(method, args.run, train, targets, checkpoints=checkpoints, proj_dim=proj_dim,
-                               features=features, lambda_reg=lambda_reg, seed=args.seed, store_dir=store,
-                               progress=True)
+        settings = AttributionSettings(proj_dim=proj_dim, features=features, lambda_reg=lambda_reg, seed=args.seed)
+        matrix = method_scores(method, args.run, train, targets, settings=settings, checkpoints=checkpoints,
+                               store_dir=store, progress=True)
         timings[f"{method} {features} K={checkpoints} k={proj_dim} λ={lambda_reg:g}"] = time.perf_counter() - began
         return matrix
 

@@ -24,6 +24,7 @@ from cliptrace.train import list_checkpoints
 from cliptrace.trak.attribute import attribute
 from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import remove_and_retrain, subset_jobs
+from cliptrace.trak.settings import AttributionSettings
 from cliptrace.verify.methods import method_scores
 from cliptrace.verify.retrain import load_outputs, load_plan
 
@@ -51,13 +52,13 @@ def main() -> None:
     for name, path in chosen:
         if not (links / name).exists():
             os.symlink(path.resolve(), links / name)
+    settings = AttributionSettings(proj_dim=1024, lambda_reg=args.lambda_reg, features="factored")
     scores = {
         "trak (3 seeds)": np.asarray(attribute(
-            args.run, train, targets, checkpoints=[links / name for name, _ in chosen], proj_dim=1024,
-            lambda_reg=args.lambda_reg, features="factored", store_dir=args.dir / "stores" / "seed-ensemble",
+            args.run, train, targets, checkpoints=[links / name for name, _ in chosen], settings=settings,
+            store_dir=args.dir / "stores" / "seed-ensemble",
             full_scores=True, top_k=1).scores, dtype=np.float64),
-        "trak (1 run)": method_scores("trak", args.run, train, targets, checkpoints=8, proj_dim=1024,
-                                      features="factored", lambda_reg=args.lambda_reg,
+        "trak (1 run)": method_scores("trak", args.run, train, targets, checkpoints=8, settings=settings,
                                       store_dir=args.dir / "stores" / f"factored-1024-{args.lambda_reg:g}"),
         "embedding": method_scores("embedding", args.run, train, targets),
     }
