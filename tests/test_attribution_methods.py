@@ -103,7 +103,9 @@ def _random(method: DataAttributor, targets: list[Record]) -> np.ndarray:
 
 
 REFERENCES: dict[str, Callable[[DataAttributor, list[Record]], np.ndarray]] = {
-    "trak": _trak, "trak-layers": _layer_trak, "tracin": _tracin, "grad-cosine": _cosine, "embedding": _embedding, "random": _random,
+    "trak": _trak, "trak-layers": _layer_trak, "tracin": _tracin, "grad-cosine": _cosine, "embedding": _embedding,
+    "random": _random,
+    "ekfac": _tracin,  # dot products of the stored (whitened) features; the whitening: tests/test_trak_kfac.py
 }
 
 

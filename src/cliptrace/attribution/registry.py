@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from cliptrace.attribution.base import DataAttributor
+from cliptrace.attribution.ekfac import EkfacInfluence
 from cliptrace.attribution.embedding import EmbeddingSimilarity
 from cliptrace.attribution.gradient_cosine import GradientCosine
 from cliptrace.attribution.layer_trak import LayerTrak
@@ -19,6 +20,7 @@ from cliptrace.trak.settings import DEFAULT_METHOD, AttributionSettings
 METHODS: Mapping[str, type[DataAttributor]] = MappingProxyType({method.name: method for method in (
     Trak,
     LayerTrak,
+    EkfacInfluence,
     TracInCP,
     GradientCosine,
     EmbeddingSimilarity,

@@ -9,16 +9,19 @@ which loss weights it applies.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
 from cliptrace.attribution.base import DataAttributor, TrainingSide
 from cliptrace.data.record import Record
 from cliptrace.distributed import barrier, is_main
-from cliptrace.trak.attribute import (LoadedCheckpoint, data_fingerprint, feature_store, featurize_rows,
-                                      load_checkpoint_featurizer, naming_records, target_store)
+from cliptrace.trak.attribute import (LoadedCheckpoint, RecordBatches, data_fingerprint, feature_store,
+                                      featurize_rows, load_checkpoint_featurizer, naming_records, target_store)
+from cliptrace.trak.factored import FactoredFeaturizer
+from cliptrace.trak.kfac import fit_statistics, load_statistics, save_statistics, stored_metadata, whitenings
 from cliptrace.trak.scoring import EnsembleScorer, ScoringKernel, Rows
 from cliptrace.trak.settings import AttributionSettings
 from cliptrace.trak.store import FeatureStore
@@ -51,9 +54,11 @@ class StoredGradientMethod(DataAttributor, abc.ABC):
         return stored
 
     def _load(self, checkpoint_id: str, source: Any) -> LoadedCheckpoint:
-        training = self._training()
-        return load_checkpoint_featurizer(checkpoint_id, source, training.records, training.loader,
-                                          self.feature_settings())
+        training, settings = self._training(), self.feature_settings()
+        checkpoint = load_checkpoint_featurizer(checkpoint_id, source, training.records, training.loader, settings)
+        if settings.whitening is not None:
+            whiten_checkpoint(checkpoint, training, settings)
+        return checkpoint
 
     def prepare(self, training: TrainingSide) -> None:
         self.training, settings = training, self.feature_settings()
@@ -92,3 +97,41 @@ class StoredGradientMethod(DataAttributor, abc.ABC):
                 with naming_records(targets):
                     result.append(targets_store.features(checkpoint_id)[0])
         return result if main else None
+
+
+def whiten_checkpoint(checkpoint: LoadedCheckpoint, training: TrainingSide, settings: AttributionSettings) -> None:
+    """Install the K-FAC / EK-FAC whitening of ``settings`` in ``checkpoint``'s featurizer.
+
+    The statistics are fitted once per checkpoint on rank 0 (``settings.fit_records`` records of a seeded shuffle,
+    every caption of each) and kept in the feature store (``whitening/CHECKPOINT.safetensors``, with the weights'
+    and the data's digests); the other processes of a distributed job wait for them and read them.
+
+    Raises:
+        TypeError: The featurizer is not the factored one.
+    """
+    featurizer = checkpoint.featurizer
+    if not isinstance(featurizer, FactoredFeaturizer):
+        raise TypeError(f"whitening needs the factored featurizer, got {type(featurizer).__name__}")
+    records = training.records
+    digest = data_fingerprint(records)
+    identity = {"kind": str(settings.whitening), "fit_records": str(settings.fit_records), "seed": str(settings.seed),
+                "weights": featurizer.fingerprint(), "train_data": digest}
+    featurizer.whitening = {"kind": settings.whitening, "damping": settings.damping, "fit_records": settings.fit_records}
+    store = feature_store(training.store_path(settings), len(records), digest, featurizer, settings, checkpoint.id)
+    path = store.directory / "whitening" / f"{checkpoint.id}.safetensors"
+    if is_main(training.ranks) and stored_metadata(path) != identity:
+        order = np.random.default_rng(settings.seed).permutation(len(records))
+        positions = sorted(order[: settings.fit_records].tolist())
+        batches = RecordBatches(checkpoint.model, records, training.loader, settings.batch_size)
+        dtype = next(checkpoint.model.parameters()).dtype
+
+        def fitting_batches() -> Iterator[tuple[Any, torch.Tensor]]:
+            for chunk in batches.chunks(positions):
+                images, tokens, owner = batches.pairs(chunk)
+                batch = (images.to(settings.device, dtype), {k: v.to(settings.device) for k, v in tokens.items()})
+                yield batch, torch.as_tensor(chunk)[owner].to(settings.device)
+
+        save_statistics(path, fit_statistics(featurizer, fitting_batches, settings.whitening), identity)
+    barrier(training.ranks)
+    statistics = load_statistics(path, [layer.name for layer in featurizer.layers])
+    featurizer.whiten(whitenings(statistics, float(settings.damping)), featurizer.whitening)

@@ -35,9 +35,9 @@ the forward pass is an error: its weights may be used by a code path that no hoo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -51,6 +51,8 @@ from cliptrace.trak.outputs import ModelOutput
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
 from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES
 
+if TYPE_CHECKING:
+    from cliptrace.trak.kfac import LayerWhitening
 
 
 def has_batch_outputs(output: ModelOutput) -> bool:
@@ -74,6 +76,8 @@ class FactoredLayer:
         parameter_names: Qualified names of the selected parameters it owns (weight first).
         out_projection: P_o (k_o × d_o), or None for the identity.
         in_projection: P_i (k_i × d_i, plus one column for the bias), or None for the identity.
+        whitening: The layer's K-FAC / EK-FAC whitening (:mod:`cliptrace.trak.kfac`), applied before the side
+            projections; None for plain gradients.
         size: Length of the layer's block of features.
     """
 
@@ -82,6 +86,7 @@ class FactoredLayer:
         self.name, self.module = name, module
         self.parameter_names = [p for p in (weight, bias) if p is not None]
         self.has_weight, self.has_bias = weight is not None, bias is not None
+        self.whitening: LayerWhitening | None = None
         if isinstance(module, nn.LayerNorm):
             self.out_projection = self.in_projection = None
             self.size = module.normalized_shape[0] * len(self.parameter_names)
@@ -105,21 +110,24 @@ class FactoredLayer:
         raise TypeError(f"{type(module).__name__} is not a supported layer")
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move the side projections."""
+        """Move the side projections and the whitening."""
         for side in ("out_projection", "in_projection"):
             matrix = getattr(self, side)
             if matrix is not None:
                 setattr(self, side, matrix.to(device, dtype))
+        if self.whitening is not None:
+            self.whitening = self.whitening.to(device, dtype)
 
     def keep(self, inputs: tuple[Any, ...], batch: int, dtype: torch.dtype) -> torch.Tensor:
-        """What the forward pass must leave for the block: P_i [x_t; 1] (B, T, k_i), or x̂_t for a LayerNorm."""
-        x = inputs[0]
+        """What the forward pass must leave for the block: P_i [x_t; 1] (B, T, k_i), x̂_t for a LayerNorm, or the
+        whitened rows [x_t; 1] Q_A (B, T, d_i + 1) for a linear layer with a whitening."""
         module = self.module
         if isinstance(module, nn.LayerNorm):
+            x = inputs[0]
             rows = F.layer_norm(x.detach().to(dtype), module.normalized_shape, eps=module.eps)
             return _per_example(rows, batch, self.name).reshape(batch, -1, rows.shape[-1])
         if isinstance(module, nn.Embedding):
-            ids = _per_example(x, batch, self.name).reshape(batch, -1)
+            ids = _per_example(inputs[0], batch, self.name).reshape(batch, -1)
             if self.in_projection is None:
                 rows = F.one_hot(ids, module.num_embeddings).to(dtype)
             else:
@@ -127,28 +135,53 @@ class FactoredLayer:
             if module.padding_idx is not None:
                 rows = rows * (ids != module.padding_idx).unsqueeze(-1).to(dtype)
             return rows
-        if isinstance(module, nn.Conv2d):
-            x = F.unfold(x.detach(), module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
-        rows = _per_example(x.detach().to(dtype), batch, self.name).reshape(batch, -1, x.shape[-1])
+        rows = self.rows(inputs, batch, dtype)
+        if self.whitening is not None:
+            return self.with_bias(rows) @ self.whitening.in_basis
         if self.in_projection is None:
-            return torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], -1) if self.has_bias else rows
+            return self.with_bias(rows)
         projection = self.in_projection
         if not self.has_bias:
             return rows @ projection.T
         return rows @ projection[:, :-1].T + projection[:, -1]
 
-    def block(self, kept: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The layer's (B, size) features from what the forward pass kept and the gradient of its output."""
-        batch = kept.shape[0]
+    def rows(self, inputs: tuple[Any, ...], batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The inputs x_t (B, T, d_i) of a Linear or Conv2d layer (unfolded patches for a convolution)."""
+        x = inputs[0].detach()
+        if isinstance(self.module, nn.Conv2d):
+            module = self.module
+            x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+        return _per_example(x.to(dtype), batch, self.name).reshape(batch, -1, x.shape[-1])
+
+    def with_bias(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` with the bias's constant input 1 appended when the layer's bias is differentiated."""
+        return torch.cat([rows, rows.new_ones(*rows.shape[:2], 1)], -1) if self.has_bias else rows
+
+    def deltas(self, grad: torch.Tensor, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The output gradients δ_t (B, T, d_o) of the layer."""
         if isinstance(self.module, nn.Conv2d):
             grad = grad.flatten(2).transpose(1, 2)
-        deltas = grad.to(dtype).reshape(batch, -1, grad.shape[-1])
+        return grad.to(dtype).reshape(batch, -1, grad.shape[-1])
+
+    def block(self, kept: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer's (B, size) features from what the forward pass kept and the gradient of its output."""
+        deltas = self.deltas(grad, kept.shape[0], dtype)
+        whitening = self.whitening
         if isinstance(self.module, nn.LayerNorm):
             parts = ([(deltas * kept).sum(1)] if self.has_weight else []) + ([deltas.sum(1)] if self.has_bias else [])
-            return torch.cat(parts, 1)
+            block = torch.cat(parts, 1)
+            return block if whitening is None else block * whitening.inverse_sqrt
+        if whitening is not None and not isinstance(self.module, nn.Embedding):
+            gradient = torch.bmm((deltas @ whitening.out_basis).transpose(1, 2), kept) * whitening.inverse_sqrt
+            if self.out_projection is not None:
+                gradient = self.out_projection @ gradient
+            if self.in_projection is not None:
+                gradient = gradient @ self.in_projection.T
+            return gradient.flatten(1)
         if self.out_projection is not None:
             deltas = deltas @ self.out_projection.T
-        return torch.bmm(deltas.transpose(1, 2), kept).flatten(1)
+        block = torch.bmm(deltas.transpose(1, 2), kept).flatten(1)
+        return block if whitening is None else block * whitening.inverse_sqrt
 
 
 def _per_example(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -264,6 +297,7 @@ class FactoredFeaturizer(Featurizer):
         self.projector: Projector = (IdentityProjector(self.input_dim) if proj_dim is None
                                      else CountSketchProjector(self.input_dim, proj_dim, seed))
         self.proj_dim = self.projector.proj_dim
+        self.whitening: dict[str, Any] | None = None
         self._placed: tuple[torch.device, torch.dtype] | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -276,7 +310,7 @@ class FactoredFeaturizer(Featurizer):
             "parameters": parameter_set_summary(self.parameter_names),
             "other_parameters": self.other_parameters,
             "output": self.output.settings(),
-        }
+        } | ({"whitening": self.whitening} if self.whitening is not None else {})
 
     def layer_slices(self) -> dict[str, slice]:
         """Where each layer's block lies in the unsketched features (``proj_dim=None``); ``"other"`` for leftovers."""
@@ -287,22 +321,41 @@ class FactoredFeaturizer(Featurizer):
         slices["other"] = slice(start, start + self.other_size)
         return slices
 
-    def features(self, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def place(self, device: torch.device) -> torch.dtype:
+        """Move the layers' projections and whitenings to ``device`` in the features' dtype; returns that dtype."""
         dtype = torch.float64 if next(self.module.parameters()).dtype == torch.float64 else torch.float32
-        device = indices.device
         if self._placed != (device, dtype):
             for layer in self.layers:
                 layer.to(device, dtype)
             self._placed = (device, dtype)
+        return dtype
+
+    def whiten(self, whitenings: dict[str, LayerWhitening], description: dict[str, Any]) -> None:
+        """Whiten every layer's gradient before its side projections (``description`` joins :meth:`settings`).
+
+        Raises:
+            ValueError: A layer without a whitening, or parameters outside the layers (``other_parameters="exact"``).
+        """
+        missing = [layer.name for layer in self.layers if layer.name not in whitenings]
+        if missing or self.other_size:
+            raise ValueError(f"whitening needs every featurized parameter in a hooked layer; missing layers "
+                             f"{missing}, {self.other_size} parameters outside them (other_parameters='exact')")
+        for layer in self.layers:
+            layer.whitening = whitenings[layer.name]
+        self.whitening = description
+        self._placed = None
+
+    def features(self, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = indices.device
+        dtype = self.place(device)
         count = batch_size(batch)
         blocks: dict[str, torch.Tensor] = {}
-        autocast = (torch.autocast(device.type, dtype=self.autocast) if self.autocast is not None
-                    else nullcontext())
-        with _frozen(self.module), self._hooks(blocks, count, dtype), torch.enable_grad(), autocast:
-            values, weights = self.output.batch_outputs(self.module, batch, indices)
-            if not values.requires_grad:
-                raise RuntimeError("the model output does not depend on any hooked layer: nothing to differentiate")
-            values.sum().backward()
+
+        def add_block(layer: FactoredLayer, kept: torch.Tensor, grad: torch.Tensor) -> None:
+            block = layer.block(kept, grad, dtype).to(dtype)
+            blocks[layer.name] = blocks[layer.name] + block if layer.name in blocks else block
+
+        weights = self.hooked_backward(batch, indices, lambda layer, inputs: layer.keep(inputs, count, dtype), add_block)
         parts = [blocks[layer.name] if layer.name in blocks else torch.zeros(count, layer.size, dtype=dtype,
                                                                              device=device)
                  for layer in self.layers]
@@ -319,23 +372,37 @@ class FactoredFeaturizer(Featurizer):
         bf16 projections on an H200: 1836 vs 1457 ViT-B/32 examples/s, see benchmarks/RESULTS.md)."""
         return torch.autocast(device.type, enabled=False)
 
+    def hooked_backward(self, batch: Any, indices: torch.Tensor, keep: Callable[[FactoredLayer, tuple[Any, ...]], Any],
+                        on_gradient: Callable[[FactoredLayer, Any, torch.Tensor], None]) -> torch.Tensor:
+        """One forward and backward pass of the model output over ``batch`` with parameters frozen and every layer
+        hooked: ``keep(layer, inputs)`` runs when the layer runs, ``on_gradient(layer, kept, output_gradient)`` when
+        its output's gradient arrives (both outside autocast). Returns the loss weights Q (B,)."""
+        autocast = (torch.autocast(indices.device.type, dtype=self.autocast) if self.autocast is not None
+                    else nullcontext())
+        with _frozen(self.module), self._hooks(batch_size(batch), keep, on_gradient), torch.enable_grad(), autocast:
+            values, weights = self.output.batch_outputs(self.module, batch, indices)
+            if not values.requires_grad:
+                raise RuntimeError("the model output does not depend on any hooked layer: nothing to differentiate")
+            values.sum().backward()
+        return weights
+
     @contextmanager
-    def _hooks(self, blocks: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> Iterator[None]:
+    def _hooks(self, batch: int, keep: Callable[[FactoredLayer, tuple[Any, ...]], Any],
+               on_gradient: Callable[[FactoredLayer, Any, torch.Tensor], None]) -> Iterator[None]:
         ran: set[str] = set()
 
         def forward_hook(layer: FactoredLayer):
             def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
                 ran.add(layer.name)
                 with self._projection_precision(output.device):
-                    kept = layer.keep(inputs, batch, dtype)
+                    kept = keep(layer, inputs)
                 output = _per_example(output, batch, layer.name)
                 if not output.requires_grad:
                     output = output.detach().requires_grad_()
 
                 def gradient_hook(grad: torch.Tensor) -> None:
                     with self._projection_precision(grad.device):  # autograd runs hooks in its own thread
-                        block = layer.block(kept, grad, dtype).to(dtype)
-                    blocks[layer.name] = blocks[layer.name] + block if layer.name in blocks else block
+                        on_gradient(layer, kept, grad)
 
                 output.register_hook(gradient_hook)
                 return output

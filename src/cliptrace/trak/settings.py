@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 FEATURE_PATHS = ("auto", "factored", "exact")
 OTHER_PARAMETER_POLICIES = ("exclude", "exact", "error")
+WHITENINGS = ("kfac", "ekfac")
 SCORE_DTYPES = ("float32", "float64")
 AUTO = "auto"
 DEFAULT_METHOD = "trak"
@@ -48,6 +49,11 @@ class AttributionSettings:
         layer_dim: Factored path: width each side of a layer is projected to.
         other_parameters: Factored path: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
             the layers it supports.
+        whitening: Factored path: ``"kfac"`` or ``"ekfac"`` whitens each layer's gradient by its K-FAC / EK-FAC
+            Gauss–Newton factors before projecting (:mod:`cliptrace.trak.kfac`), with ridge term ``damping`` × the
+            layer's mean eigenvalue; None (default) projects plain gradients.
+        fit_records: Whitening: training records its statistics are fitted on (the first of a seeded shuffle);
+            None fits on all of them.
     """
 
     proj_dim: int | None = 2048
@@ -63,6 +69,8 @@ class AttributionSettings:
     features: str = "auto"
     layer_dim: int = 32
     other_parameters: str = "exclude"
+    whitening: str | None = None
+    fit_records: int | None = None
 
     def __post_init__(self) -> None:
         if self.parameters is not None and not isinstance(self.parameters, tuple):
@@ -80,6 +88,14 @@ class AttributionSettings:
             problems.append(f"features must be one of {FEATURE_PATHS}, got {self.features!r}")
         if self.other_parameters not in OTHER_PARAMETER_POLICIES:
             problems.append(f"other_parameters must be one of {OTHER_PARAMETER_POLICIES}, got {self.other_parameters!r}")
+        if self.whitening is not None:
+            if self.whitening not in WHITENINGS:
+                problems.append(f"whitening must be one of {WHITENINGS} or None, got {self.whitening!r}")
+            if self.features == "exact" or self.damping == AUTO or self.lambda_reg is not None or not self.damping:
+                problems.append("whitening needs the factored features and a positive relative damping (not 'auto', "
+                                "no lambda_reg)")
+        if self.fit_records is not None and self.fit_records < 1:
+            problems.append(f"fit_records must be positive or None, got {self.fit_records}")
         for name in ("batch_size", "bank_size", "layer_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
@@ -102,13 +118,16 @@ class AttributionSettings:
         return {"proj_dim": self.proj_dim, "projection": self.projection, "seed": self.seed,
                 "bank_size": self.bank_size, "parameters": list(self.parameters) if self.parameters else None,
                 "score_dtype": self.score_dtype, "features": self.features, "layer_dim": self.layer_dim,
-                "other_parameters": self.other_parameters}
+                "other_parameters": self.other_parameters} | (
+            {"whitening": self.whitening, "whitening_damping": self.damping, "fit_records": self.fit_records}
+            if self.whitening is not None else {})
 
     def store_name(self) -> str:
         """A folder name that differs whenever the stored features would: readable, with a digest of the rest."""
         digest = hashlib.sha256(json.dumps(self.feature_settings(), sort_keys=True).encode()).hexdigest()[:8]
         dim = "layers" if self.proj_dim is None else f"k{self.proj_dim}"
-        return f"{self.features}-{dim}-seed{self.seed}-{digest}"
+        whitening = "" if self.whitening is None else f"-{self.whitening}{self.damping:g}"
+        return f"{self.features}-{dim}{whitening}-seed{self.seed}-{digest}"
 
     def damping_spec(self) -> dict[str, Any]:
         """How the ridge term is set, as stored beside a solved kernel: an absolute λ or a relative damping."""
