@@ -21,7 +21,7 @@ import typer
 
 from cliptrace.data.options import DataOptions
 from cliptrace.data.readers import FORMATS
-from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES, AttributionSettings
+from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES, WHITENINGS, AttributionSettings
 
 Command = TypeVar("Command", bound=Callable[..., Any])
 _DATA_OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation, default)
@@ -116,13 +116,21 @@ _ATTRIBUTION_OPTIONS: dict[str, tuple[Any, Any]] = {  # parameter -> (annotation
     "other_parameters": (Annotated[str, typer.Option(
         help=f"Factored path, selected parameters outside supported layers: {', '.join(OTHER_PARAMETER_POLICIES)}.",
         rich_help_panel=_PANEL)], _DEFAULT.other_parameters),
+    "whitening": (Annotated[str, typer.Option(
+        help=f"Factored path: whiten each layer's gradient by its Gauss-Newton factors before projecting "
+             f"({', '.join(WHITENINGS)}, with ridge DAMPING × the layer's mean eigenvalue), or none.",
+        rich_help_panel=_PANEL)], "none"),
+    "fit_records": (Annotated[int, typer.Option(
+        help="Whitening: training records its factors are fitted on (0: all).", rich_help_panel=_PANEL)], 0),
 }
 
 
 def attribution_settings(*, proj_dim: int, projection: str, seed: int, bank_size: int, parameters: list[str] | None,
                          damping: str, lambda_reg: float | None, batch_size: int, dtype: str, device: str,
-                         features: str, layer_dim: int, other_parameters: str) -> AttributionSettings:
-    """The :class:`AttributionSettings` of the command-line options (``--proj-dim 0``: no projection).
+                         features: str, layer_dim: int, other_parameters: str, whitening: str, fit_records: int
+                         ) -> AttributionSettings:
+    """The :class:`AttributionSettings` of the command-line options (``--proj-dim 0``: no projection,
+    ``--whitening none``: none, ``--fit-records 0``: all).
 
     Raises:
         typer.BadParameter: ``--damping`` is neither a number nor ``auto``.
@@ -134,7 +142,8 @@ def attribution_settings(*, proj_dim: int, projection: str, seed: int, bank_size
     return AttributionSettings(proj_dim=proj_dim or None, projection=projection, seed=seed, bank_size=bank_size,
                                parameters=tuple(parameters) if parameters else None, damping=relative,
                                lambda_reg=lambda_reg, batch_size=batch_size, score_dtype=dtype, device=device,
-                               features=features, layer_dim=layer_dim, other_parameters=other_parameters)
+                               features=features, layer_dim=layer_dim, other_parameters=other_parameters,
+                               whitening=None if whitening == "none" else whitening, fit_records=fit_records or None)
 
 
 with_attribution_settings = _with_group("settings", _ATTRIBUTION_OPTIONS, attribution_settings)
