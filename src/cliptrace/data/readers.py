@@ -33,6 +33,7 @@ __all__ = [
     "IMAGE_KEYS",
     "SUPPORTED",
     "dataset_path",
+    "format_of",
     "list_shards",
     "load_records",
     "read_coco",
@@ -71,6 +72,19 @@ def _candidates(path: Path) -> tuple[list[Format], Path]:
     return matching, path
 
 
+def _detected(path: Path) -> tuple[Format, Path, Probe | None]:
+    """The format of ``path``, the path to read, and the probe that told it by content (None when the path did)."""
+    formats, target = _candidates(path)
+    if len(formats) == 1:
+        return formats[0], target, None
+    probe = Probe(target)
+    claimed = next((format for format in formats if format.claims is not None and format.claims(probe)), None)
+    if claimed is None:
+        contents = " nor ".join(format.content for format in formats)
+        raise DatasetError(str(target), None, f"a {target.suffix.lower()} file that is neither {contents}")
+    return claimed, target, probe
+
+
 def _format(name: str, path: Path) -> Format:
     """The registered format ``name``."""
     format = by_name(name)
@@ -103,6 +117,15 @@ def dataset_path(path: str | Path, format: str = "auto") -> Path:
     return path
 
 
+def format_of(path: str | Path, format: str = "auto") -> str:
+    """The name of the format ``path`` is read in: ``format`` itself unless it is ``auto``.
+
+    Raises:
+        DatasetError: ``auto`` cannot tell the format of ``path`` (see :func:`load_records`).
+    """
+    return format if format != "auto" else _detected(Path(path))[0].name
+
+
 def load_records(path: str | Path, format: str = "auto", **options: Any) -> list[Record]:
     """Read a dataset in any supported format.
 
@@ -117,17 +140,9 @@ def load_records(path: str | Path, format: str = "auto", **options: Any) -> list
         chosen = _format(format, path)
         _check_options(chosen, str(path), options)
         return chosen.read(dataset_path(path, format), **options)
-    formats, target = _candidates(path)
-    if len(formats) == 1:
-        _check_options(formats[0], str(path), options)
-        return formats[0].read(target, **options)
-    probe = Probe(target)
-    claimed = next((format for format in formats if format.claims is not None and format.claims(probe)), None)
-    if claimed is None:
-        contents = " nor ".join(format.content for format in formats)
-        raise DatasetError(str(target), None, f"a {target.suffix.lower()} file that is neither {contents}")
-    _check_options(claimed, str(path), options)
-    return claimed.load(probe, **options)
+    detected, target, probe = _detected(path)
+    _check_options(detected, str(path), options)
+    return detected.read(target, **options) if probe is None else detected.load(probe, **options)
 
 
 def list_shards(path: str | Path) -> list[Path]:

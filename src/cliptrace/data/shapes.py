@@ -27,6 +27,9 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from cliptrace.data.formats.delimited import write_csv_rows
+from cliptrace.data.formats.jsonl import write_jsonl_lines
+from cliptrace.data.formats.webdataset import ShardWriter
 from cliptrace.data.record import DatasetError
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
@@ -477,7 +480,7 @@ def _write_examples(root: Path, format: str, examples: Iterator[_Example], shard
     """Write images, masks, captions and ``objects.jsonl``; return the reader's path relative to ``root``."""
     (root / MASKS).mkdir()
     entries = []
-    with (root / OBJECTS).open("w", encoding="utf-8") as objects, _Shards(root / SHARDS, shard_size) as shards:
+    with (root / OBJECTS).open("w", encoding="utf-8") as objects, ShardWriter(root / SHARDS, shard_size) as shards:
         for example in examples:
             mask_path = f"{MASKS}/{example.id}.png"
             (root / mask_path).write_bytes(_png(Image.fromarray(example.mask)))
@@ -495,51 +498,10 @@ def _write_examples(root: Path, format: str, examples: Iterator[_Example], shard
     if format == "wds":
         return SHARDS
     if format == "jsonl":
-        with (root / CAPTIONS_JSONL).open("w", encoding="utf-8") as file:
-            file.writelines(json.dumps(entry) + "\n" for entry in entries)
+        write_jsonl_lines(root / CAPTIONS_JSONL, entries)
         return CAPTIONS_JSONL
-    with (root / CAPTIONS_CSV).open("w", encoding="utf-8", newline="") as file:
-        writer = csv.writer(file, lineterminator="\n")
-        writer.writerow(["filepath", "title", "split", "label", "id"])
-        for entry in entries:
-            writer.writerows([entry["image"], caption, entry["split"], entry["label"], entry["id"]]
-                             for caption in entry["captions"])
+    write_csv_rows(root / CAPTIONS_CSV, entries)
     return CAPTIONS_CSV
-
-
-class _Shards:
-    """Writes samples into numbered tar shards of ``shard_size`` samples each, with reproducible headers."""
-
-    def __init__(self, directory: Path, shard_size: int) -> None:
-        self.directory = directory
-        self.shard_size = shard_size
-        self.count = 0
-        self.tar: tarfile.TarFile | None = None
-
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        """Append the members ``KEY.EXT`` of one sample."""
-        if self.count % self.shard_size == 0:
-            self.close()
-            self.directory.mkdir(exist_ok=True)
-            name = f"shard-{self.count // self.shard_size:06d}.tar"
-            self.tar = tarfile.open(self.directory / name, "w", format=tarfile.USTAR_FORMAT)
-        for extension, payload in members.items():
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(payload), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(payload))
-        self.count += 1
-
-    def close(self) -> None:
-        """Finish the open shard, if any."""
-        if self.tar is not None:
-            self.tar.close()
-            self.tar = None
-
-    def __enter__(self) -> "_Shards":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def _png(image: Image.Image) -> bytes:

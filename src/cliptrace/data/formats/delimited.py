@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -17,6 +17,7 @@ from cliptrace.data.formats.rows import (
     RecordSet,
     caption,
     default_id,
+    file_entry,
     image_path,
     report,
     root_of,
@@ -230,10 +231,33 @@ def add_csv(
             report(DatasetError(source, f"line {line}", str(broken)), on_error)
 
 
+CSV_COLUMNS = ("filepath", "title", "split", "label", "id")
+"""The columns :func:`write_csv_rows` writes, as :func:`read_csv` reads them by default."""
+
+
+def write_csv_rows(path: Path, entries: Iterable[dict]) -> None:
+    """Write ``entries`` (``id``, ``image``, ``captions``, ``split``, ``label``) as a CSV file, one row per caption."""
+    with path.open("w", encoding="utf-8", newline="") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for entry in entries:
+            writer.writerows([entry["image"], caption, entry["split"], entry["label"], entry["id"]]
+                             for caption in entry["captions"])
+
+
+def write_csv(records: Sequence[Record], directory: Path) -> Path:
+    """Write ``records`` as ``DIRECTORY/captions.csv`` with absolute image paths; return its path."""
+    directory.mkdir(parents=True)
+    path = directory / "captions.csv"
+    write_csv_rows(path, [file_entry(record) for record in records])
+    return path
+
+
 FORMAT = Format(
     name="csv",
     summary="CSV/TSV (.csv, .tsv, or a directory with captions.csv)",
     read=read_csv,
     suffixes=(".csv", ".tsv"),
     find=named_file("captions.csv"),
+    write=write_csv,
 )

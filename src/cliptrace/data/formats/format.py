@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,8 @@ class Format:
         content: What ``claims`` looks for, for the error when no format claims a file.
         read_probe: Reads an already probed file (its JSON parsed once); ``read`` of the path when None.
         patterns: Whether a glob pattern may name the files to read.
+        write: Writes records as a new dataset of this format into a directory it creates and returns the path
+            ``read`` takes (see :func:`cliptrace.data.writers.write_records`); None when the format has no writer.
     """
 
     name: str
@@ -53,6 +55,7 @@ class Format:
     content: str = ""
     read_probe: Callable[..., list[Record]] | None = None
     patterns: bool = False
+    write: Callable[[Sequence[Record], Path], Path] | None = None
 
     @property
     def options(self) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from cliptrace.data.formats.format import Format, named_file
@@ -16,6 +16,7 @@ from cliptrace.data.formats.rows import (
     as_object,
     captions_of,
     default_id,
+    file_entry,
     image_path,
     optional_text,
     report,
@@ -130,10 +131,25 @@ def add_jsonl(
             report(DatasetError(source, f"line {line}", str(broken)), on_error)
 
 
+def write_jsonl_lines(path: Path, entries: Iterable[dict]) -> None:
+    """Write ``entries`` (JSON objects) to a JSON-lines file, one per line."""
+    with path.open("w", encoding="utf-8") as file:
+        file.writelines(json.dumps(entry) + "\n" for entry in entries)
+
+
+def write_jsonl(records: Sequence[Record], directory: Path) -> Path:
+    """Write ``records`` as ``DIRECTORY/captions.jsonl`` with absolute image paths; return its path."""
+    directory.mkdir(parents=True)
+    path = directory / "captions.jsonl"
+    write_jsonl_lines(path, [file_entry(record) for record in records])
+    return path
+
+
 FORMAT = Format(
     name="jsonl",
     summary="JSON lines (.jsonl, or a directory with captions.jsonl)",
     read=read_jsonl,
     suffixes=(".jsonl",),
     find=named_file("captions.jsonl"),
+    write=write_jsonl,
 )

@@ -82,6 +82,19 @@ class RecordSet:
         ]
 
 
+def file_entry(record: Record) -> dict[str, Any]:
+    """A record as the row writers write it: ``id``, ``image`` (its file path), ``captions``, ``split``, ``label``.
+
+    Raises:
+        DatasetError: The image is a member of a shard or a table row, which a file-based format cannot name.
+    """
+    if "::" in record.image:
+        raise DatasetError(record.image, None, f"record {record.id!r}: its image is not a file, so a file-based "
+                                                "dataset cannot name it")
+    return {"id": record.id, "image": record.image, "captions": list(record.captions), "split": record.split,
+            "label": record.label}
+
+
 def caption(value: Any, name: str) -> str:
     """One stripped, non-empty caption."""
     if not isinstance(value, str):

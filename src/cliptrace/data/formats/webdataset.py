@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from cliptrace.data.formats.format import Format
@@ -22,7 +24,7 @@ from cliptrace.data.formats.rows import (
     report,
 )
 from cliptrace.data.formats.text import is_pattern, json_problem
-from cliptrace.data.images import SHARD_SEPARATOR
+from cliptrace.data.images import SHARD_SEPARATOR, ImageLoader
 from cliptrace.data.record import DatasetError, Record
 from cliptrace.data.shards import TAR_ERRORS, scan_shard
 
@@ -149,6 +151,56 @@ def _find(directory: Path) -> Path | None:
     return directory / "shards" if any((directory / "shards").glob("*.tar")) else None
 
 
+class ShardWriter:
+    """Writes samples into numbered tar shards of ``shard_size`` samples each, with reproducible headers."""
+
+    def __init__(self, directory: Path, shard_size: int) -> None:
+        self.directory = directory
+        self.shard_size = shard_size
+        self.count = 0
+        self.tar: tarfile.TarFile | None = None
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        """Append the members ``KEY.EXT`` of one sample."""
+        if self.count % self.shard_size == 0:
+            self.close()
+            self.directory.mkdir(exist_ok=True)
+            name = f"shard-{self.count // self.shard_size:06d}.tar"
+            self.tar = tarfile.open(self.directory / name, "w", format=tarfile.USTAR_FORMAT)
+        for extension, payload in members.items():
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            self.tar.addfile(info, io.BytesIO(payload))
+        self.count += 1
+
+    def close(self) -> None:
+        """Finish the open shard, if any."""
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def write_webdataset(records: Sequence[Record], directory: Path, shard_size: int = 1000) -> Path:
+    """Write ``records`` as ``DIRECTORY/shards/shard-NNNNNN.tar``: per record its image bytes (copied from its file,
+    shard member or table row) and ``KEY.json`` with its id, captions, split and label; return the shards folder."""
+    loader = ImageLoader()
+    directory.mkdir(parents=True)
+    with ShardWriter(directory / "shards", shard_size) as writer:
+        for index, record in enumerate(records):
+            name = record.image.rpartition("::")[2] if "::" in record.image else record.image
+            extension = Path(name).suffix.lower().lstrip(".") or "png"
+            meta = {"id": record.id, "captions": list(record.captions), "split": record.split, "label": record.label}
+            writer.add(f"{index:09d}", {extension: loader.read_bytes(record.image),
+                                        "json": (json.dumps(meta) + "\n").encode()})
+    return directory / "shards"
+
+
 FORMAT = Format(
     name="webdataset",
     summary="WebDataset shards (.tar, a glob, or a directory of .tar files or with shards/*.tar)",
@@ -156,4 +208,5 @@ FORMAT = Format(
     suffixes=(".tar",),
     find=_find,
     patterns=True,
+    write=write_webdataset,
 )
