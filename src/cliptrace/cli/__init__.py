@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from cliptrace.cli.curate import curate_command
 from cliptrace.cli.data import data_app
 from cliptrace.cli.evaluate import eval_command, retrieve_command
 from cliptrace.cli.explain import explain_command
@@ -42,6 +43,8 @@ app.command("explain", help="Input attribution: which image patches and caption 
 app.command("report", help="Build the HTML report of a training run: model card, attributions, heatmaps.")(
     report_command
 )
+app.command("curate", help="Find harmful training pairs by attribution, write the curated dataset, prove it by "
+                          "retraining.")(curate_command)
 app.add_typer(verify_app, name="verify", help="Is an attribution right? LDS and remove-and-retrain by retraining.")
 app.add_typer(trak_app, name="trak", help="Data attribution with TRAK: which training pairs drive a judgment.")
 app.command(

@@ -20,9 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from cliptrace.curate.filters import Ranking, get_filter
+from cliptrace.curate.filters import Ranking
 from cliptrace.curate.signals import Signals
 from cliptrace.data.record import Record
 from cliptrace.data.writers import write_records
@@ -134,8 +132,3 @@ def write_curation(
     os.replace(partial, out)
     return Curation(out, out / dataset.relative_to(partial), removed, kept)
 
-
-def curate_signals(signals: Signals, filter: str, budget: int, seed: int = 0) -> tuple[Ranking, np.ndarray]:
-    """The ranking of ``filter`` and the indices of the ``budget`` pairs it removes."""
-    ranking = get_filter(filter).rank(signals, seed)
-    return ranking, ranking.removed(budget)
