@@ -32,6 +32,13 @@ class Ranking:
     scores: np.ndarray
     reasons: tuple[str, ...]
 
+    @classmethod
+    def by_score(cls, scores: np.ndarray, reasons: list[str], signals: Signals) -> Ranking:
+        """Pairs by decreasing score (ties in dataset order); each reason notes the pair's near-duplicate, if any."""
+        noted = tuple(reason + (f"; near-duplicate of {signals.ids[duplicate]}" if (duplicate := int(of)) >= 0 else "")
+                      for reason, of in zip(reasons, signals.duplicate_of))
+        return cls(np.argsort(-scores, kind="stable"), scores, noted)
+
     def removed(self, budget: int) -> np.ndarray:
         """The indices of the first ``budget`` pairs of the ranking."""
         return self.order[:budget]
@@ -43,11 +50,6 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return (values - np.median(values)) / deviation if deviation > 0 else np.zeros_like(values)
 
 
-def _descending(scores: np.ndarray) -> np.ndarray:
-    """Indices by decreasing score, ties in dataset order."""
-    return np.argsort(-scores, kind="stable")
-
-
 class CurationFilter(abc.ABC):
     """One way of ranking training pairs for removal."""
 
@@ -57,12 +59,6 @@ class CurationFilter(abc.ABC):
     @abc.abstractmethod
     def rank(self, signals: Signals, seed: int) -> Ranking:
         """Every training pair, in the order this filter removes them."""
-
-
-def _with_duplicates(reasons: list[str], signals: Signals) -> tuple[str, ...]:
-    """The reasons, each followed by the near-duplicate its pair has, if any."""
-    return tuple(reason + (f"; near-duplicate of {signals.ids[duplicate]}" if (duplicate := int(of)) >= 0 else "")
-                 for reason, of in zip(reasons, signals.duplicate_of))
 
 
 class SelfInfluenceFilter(CurationFilter):
@@ -79,7 +75,7 @@ class SelfInfluenceFilter(CurationFilter):
         scores = robust_z(signals.self_influence)
         reasons = [f"self-influence outlier (robust z ≥ {OUTLIER_Z:g})" if z >= OUTLIER_Z else "high self-influence"
                    for z in scores]
-        return Ranking(_descending(scores), scores, _with_duplicates(reasons, signals))
+        return Ranking.by_score(scores, reasons, signals)
 
 
 class ValidationHarmFilter(CurationFilter):
@@ -92,7 +88,7 @@ class ValidationHarmFilter(CurationFilter):
         scores = -signals.val_influence
         reasons = ["lowers the validation objective" if value < 0 else "least helpful to validation"
                    for value in signals.val_influence]
-        return Ranking(_descending(scores), scores, _with_duplicates(reasons, signals))
+        return Ranking.by_score(scores, reasons, signals)
 
 
 class ClipScoreFilter(CurationFilter):
@@ -103,7 +99,7 @@ class ClipScoreFilter(CurationFilter):
 
     def rank(self, signals: Signals, seed: int) -> Ranking:
         scores = -signals.clip_score
-        return Ranking(_descending(scores), scores, ("low CLIP score",) * len(scores))
+        return Ranking.by_score(scores, ["low CLIP score"] * len(scores), signals)
 
 
 class RandomFilter(CurationFilter):
@@ -114,7 +110,7 @@ class RandomFilter(CurationFilter):
 
     def rank(self, signals: Signals, seed: int) -> Ranking:
         scores = np.random.default_rng(seed).random(len(signals.ids))
-        return Ranking(_descending(scores), scores, ("random",) * len(scores))
+        return Ranking.by_score(scores, ["random"] * len(scores), signals)
 
 
 DEFAULT_FILTER = "self-influence"
