@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from cliptrace.data.readers import format_of, load_records, select_split
 from cliptrace.data.record import DatasetError
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.data.writers import WRITABLE, write_records
+from cliptrace.report import build_report
 from cliptrace.train import TrainConfig, train
+from cliptrace.trak.settings import AttributionSettings
 
 SHAPES_FORMATS = {"csv": "csv", "jsonl": "jsonl", "webdataset": "wds"}
 
@@ -144,13 +147,19 @@ def mislabeled_run(tmp_path_factory):
     return world, root / "run"
 
 
-def test_the_cli_writes_a_curated_dataset_whose_ranking_matches_its_scores(mislabeled_run, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def curated(mislabeled_run):
+    """``cliptrace curate RUN DATA --verify`` into the run's default ``RUN/curate``, with the world's digests before."""
     world, run = mislabeled_run
     before = _digests(world.parent)
-    out = tmp_path / "curated"
-    result = CliRunner().invoke(app, ["curate", str(run), str(world), "--out", str(out), "--budget", "5",
-                                      "--proj-dim", "64", "--no-progress", "--verify", "--seeds", "1"])
+    result = CliRunner().invoke(app, ["curate", str(run), str(world), "--budget", "5", "--proj-dim", "64",
+                                      "--no-progress", "--verify", "--seeds", "2"])
     assert result.exit_code == 0, result.output
+    return world, run, run / "curate", before
+
+
+def test_the_cli_writes_a_curated_dataset_whose_ranking_matches_its_scores(curated) -> None:
+    world, run, out, before = curated
     records = load_records(world)
     train_ids = [record.id for record in select_split(records, "train")]
     with (out / "curation.csv").open(encoding="utf-8") as file:
@@ -180,3 +189,39 @@ def test_the_cli_writes_a_curated_dataset_whose_ranking_matches_its_scores(misla
     assert _digests(world.parent) == before
     again = CliRunner().invoke(app, ["curate", str(run), "--out", str(out), "--no-progress"])
     assert again.exit_code != 0 and "not empty" in again.output
+
+
+def test_the_report_shows_the_retraining_comparison(curated, tmp_path: Path) -> None:
+    world, run, out, _ = curated
+    comparison = json.loads((out / "verify.json").read_text())
+    with (out / "verify.csv").open(encoding="utf-8") as file:
+        per_seed = list(csv.DictReader(file))
+    assert [table["metric"] for table in comparison["comparisons"]] == ["R@1", "zeroshot_top1"]
+    for table in comparison["comparisons"]:  # each arm's mean is the mean of its seeds' values in verify.csv
+        for row in table["arms"]:
+            values = {int(r["seed"]): float(r[table["metric"]]) for r in per_seed if r["arm"] == row["arm"]}
+            reference = {int(r["seed"]): float(r[table["metric"]]) for r in per_seed if r["arm"] == "self-influence"}
+            assert row["seeds"] == len(values) == 2 and row["mean"] == pytest.approx(np.mean(list(values.values())))
+            if row["arm"] != "self-influence":
+                assert row["difference"] == pytest.approx(np.mean([reference[s] - values[s] for s in values]))
+    summary = build_report(run, out=tmp_path / "report", n_targets=1, top_k=2, self_influence_top=5,
+                           settings=AttributionSettings(proj_dim=32, bank_size=8, batch_size=8), progress=False,
+                           methods=("decomposition",))
+    page = summary.index.read_text(encoding="utf-8")
+    assert "<h2>Curation</h2>" in page and (summary.index.parent / "assets" / "curation.png").is_file()
+    for table in comparison["comparisons"]:
+        assert f"<th>{table['metric']}</th>" in page
+        for row in table["arms"]:
+            assert f"<td>{row['arm']}</td><td>{row['mean']:.2f}</td>" in page
+            if row["difference"] is not None:
+                assert f"<td>{row['difference']:+.2f}</td>" in page
+
+
+def test_a_damaged_curation_summary_stops_the_report_naming_the_file(mislabeled_run, tmp_path: Path) -> None:
+    world, run = mislabeled_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("curate", "curate-retrain", "trak*"))
+    (copy / "curate").mkdir()
+    (copy / "curate" / "curation.json").write_text('{"removed": "five"}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"curate/curation.json: expected the JSON object 'cliptrace curate' writes"):
+        build_report(copy, data=world, n_targets=1, progress=False)

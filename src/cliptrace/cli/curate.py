@@ -73,11 +73,14 @@ def curate_command(
 
 
 def _verify(run: Path, out: Path, signals, removed: int, test: list, seeds: int, workers: int) -> None:
-    """Retrain every arm, write ``OUT/verify.csv`` and ``OUT/verify.png``, print the comparison."""
+    """Retrain every arm; write ``OUT/verify.csv`` (per job), ``OUT/verify.json`` (per metric, the arms compared)
+    and ``OUT/verify.png``; print the comparisons."""
     import csv
 
     from cliptrace.curate.filters import get_filter
-    from cliptrace.curate.retrain import NO_FILTER, RetrainJob, compare_arms, comparison_plot, run_retraining
+    from cliptrace.curate.retrain import (COMPARED_METRICS, NO_FILTER, RetrainJob, compare_arms, comparison_plot,
+                                          run_retraining)
+    from cliptrace.files import atomic_file, write_json_atomic
 
     if not test:
         raise ValueError("--verify needs test records (--test-split) to measure the retrained models on")
@@ -88,18 +91,22 @@ def _verify(run: Path, out: Path, signals, removed: int, test: list, seeds: int,
             dropped = {signals.ids[i] for i in get_filter(name).rank(signals, seed).removed(removed)}
             jobs.append(RetrainJob(name, removed, seed, tuple(i for i in signals.ids if i not in dropped)))
     rows = run_retraining(run, run / "curate-retrain", jobs, test, workers=workers)
-    with (out / "verify.csv").open("w", newline="", encoding="utf-8") as file:
+    with atomic_file(out / "verify.csv") as path, path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    table_rows = compare_arms(rows, "R@1", reference=DEFAULT_FILTER)
-    plot = comparison_plot(table_rows, "R@1", out / "verify.png")
-    table = Table(title=f"Test R@1 after retraining ({seeds} seeds, {removed} pairs removed)")
-    for column in ("arm", "R@1 [95 % CI]", f"{DEFAULT_FILTER} − arm [95 % CI]"):
-        table.add_column(column)
-    for row in table_rows:
-        gap = "" if row["difference"] is None else (
-            f"{row['difference']:+.2f} [{row['difference_low']:+.2f}, {row['difference_high']:+.2f}]")
-        table.add_row(row["arm"], f"{row['mean']:.2f} [{row['low']:.2f}, {row['high']:.2f}]", gap)
-    console.print(table)
-    console.print(f"written: {out / 'verify.csv'}, {plot}")
+    comparisons = [{"metric": metric, "arms": compare_arms(rows, metric, reference=DEFAULT_FILTER)}
+                   for metric in COMPARED_METRICS if all(metric in row for row in rows)]
+    write_json_atomic(out / "verify.json", {"seeds": seeds, "removed": removed, "reference": DEFAULT_FILTER,
+                                            "comparisons": comparisons})
+    plot = comparison_plot(comparisons, out / "verify.png")
+    for comparison in comparisons:
+        table = Table(title=f"Test {comparison['metric']} after retraining ({seeds} seeds, {removed} pairs removed)")
+        for column in ("arm", f"{comparison['metric']} [95 % CI]", f"{DEFAULT_FILTER} − arm [95 % CI]"):
+            table.add_column(column)
+        for row in comparison["arms"]:
+            gap = "" if row["difference"] is None else (
+                f"{row['difference']:+.2f} [{row['difference_low']:+.2f}, {row['difference_high']:+.2f}]")
+            table.add_row(row["arm"], f"{row['mean']:.2f} [{row['low']:.2f}, {row['high']:.2f}]", gap)
+        console.print(table)
+    console.print(f"written: {out / 'verify.csv'}, {out / 'verify.json'}, {plot}")

@@ -35,6 +35,7 @@ from cliptrace.train import TrainConfig, train
 
 NO_FILTER = "none"  # the arm that keeps every training pair
 METRICS = ("R@1", "i2t_R@1", "t2i_R@1", "zeroshot_top1")  # what each job reports, when defined
+COMPARED_METRICS = ("R@1", "zeroshot_top1")  # what ``cliptrace curate --verify`` compares, when every job has it
 
 
 @dataclass(frozen=True)
@@ -158,14 +159,19 @@ def compare_arms(rows: Sequence[dict], metric: str = "R@1", reference: str = "se
     return table
 
 
-def comparison_plot(table: Sequence[dict], metric: str, path: str | Path) -> Path:
-    """A bar per arm: the metric's mean over seeds with its 95 % bootstrap CI."""
-    figure = Figure(figsize=(1.2 + 1.1 * len(table), 3.2))
-    axes = figure.add_subplot()
-    means = [row["mean"] for row in table]
-    errors = np.array([[row["mean"] - row["low"] for row in table], [row["high"] - row["mean"] for row in table]])
-    axes.bar(range(len(table)), means, yerr=errors, capsize=4, color="#4c72b0")
-    axes.set_xticks(range(len(table)), [row["arm"] for row in table])
-    axes.set_ylabel(f"test {metric}")
-    axes.set_title(f"Retrained on each curated set (mean over {max(row['seeds'] for row in table)} seeds)")
+def comparison_plot(comparisons: Sequence[dict], path: str | Path) -> Path:
+    """One panel per compared metric (``{"metric", "arms"}`` as :func:`compare_arms` gives them), a bar per arm: the
+    metric's mean over seeds with its 95 % bootstrap CI."""
+    arms = max(len(comparison["arms"]) for comparison in comparisons)
+    figure = Figure(figsize=((1.2 + 1.1 * arms) * len(comparisons), 3.4))
+    for number, comparison in enumerate(comparisons, start=1):
+        table = comparison["arms"]
+        axes = figure.add_subplot(1, len(comparisons), number)
+        means = [row["mean"] for row in table]
+        errors = np.array([[row["mean"] - row["low"] for row in table], [row["high"] - row["mean"] for row in table]])
+        axes.bar(range(len(table)), means, yerr=errors, capsize=4, color="#4c72b0")
+        axes.set_xticks(range(len(table)), [row["arm"] for row in table], rotation=20)
+        axes.set_ylabel(f"test {comparison['metric']}")
+        axes.set_title(f"mean over {max(row['seeds'] for row in table)} seeds, 95 % CI", fontsize=9)
+    figure.suptitle("Retrained on each curated training set")
     return save_figure(figure, path)

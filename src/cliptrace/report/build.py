@@ -143,6 +143,7 @@ def build_report(
         raise ValueError(f"{data}: no records in split 'train'")
     model = load_model(run_dir / "model").eval()
     lds = _read_lds(run_dir / "verify" / "lds.json")  # before the long computations: a broken file fails now
+    curation = _read_curation(run_dir / "curate")  # also before: a broken curation summary fails now
     metrics, eval_split = held_out_metrics(run_dir, model, records)
     if targets is None:
         targets = planted_targets(data, train) + _draw(select_split(records, target_split), n_targets, settings.seed)
@@ -161,7 +162,7 @@ def build_report(
     split_counts = {split: len(select_split(records, split)) for split in ("train", "val", "test")}
     pages.index(data, split_counts, model, run_dir, metrics, eval_split, attribution, methods, planted, settings,
                 top_k, _training_curve(run_dir, partial / "assets" / "training.png"),
-                _verification(run_dir, lds, partial))
+                _verification(run_dir, lds, partial), _curation_assets(curation, partial))
     pages.target_lists(attribution)
     for number in track(range(len(attribution.targets)), description="Report pages", disable=not progress):
         pages.target(number, model, attribution, methods)
@@ -204,7 +205,8 @@ class _Pages:
 
     def index(self, data: Path, split_counts: dict[str, int], model: DualEncoder, run_dir: Path, metrics: dict,
               eval_split: str, attribution: Attribution, methods: Sequence[str], planted: Planted | None,
-              settings: AttributionSettings, top_k: int, curve: Path | None, verification: dict | None) -> None:
+              settings: AttributionSettings, top_k: int, curve: Path | None, verification: dict | None,
+              curation: dict | None) -> None:
         config = _read_json(run_dir / "config.json") or {}
         data_facts = [("dataset", str(data)), *[(f"{split} records", count) for split, count in split_counts.items()]]
         model_facts = [("adapter", type(model).__name__),
@@ -216,7 +218,7 @@ class _Pages:
                     curve=None if curve is None else "assets/training.png", n_train=len(attribution.train),
                     checkpoints=attribution.checkpoints, proj_dim=settings.proj_dim, methods=methods,
                     attribution_method=attribution.method, damping=settings.describe_damping(),
-                    verification=verification)
+                    verification=verification, curation=curation)
 
     def target_lists(self, attribution: Attribution) -> None:
         count = len(attribution.targets)
@@ -367,6 +369,46 @@ def _verification(run_dir: Path, lds: dict | None, folder: Path) -> dict | None:
         (folder / "assets").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plot, folder / "assets" / "removal.png")
     return {"lds": lds, "removal": "assets/removal.png" if plot.is_file() else None}
+
+
+def _read_curation(directory: Path) -> dict | None:
+    """What ``cliptrace curate`` wrote to ``directory`` (its summary and the --verify comparison), if it ran.
+
+    Raises:
+        ValueError: Naming the file, when ``curation.json`` or ``verify.json`` is not what that command writes.
+    """
+    summary = _read_json(directory / "curation.json")
+    if summary is None:
+        return None
+    if not all(isinstance(summary.get(key), int) for key in ("removed", "n_train")):
+        raise ValueError(f"{directory / 'curation.json'}: expected the JSON object 'cliptrace curate' writes, with "
+                         "integer 'removed' and 'n_train'; run it again or remove the folder")
+    comparison = _read_json(directory / "verify.json")
+    number = (int, float)
+    if comparison is not None and not (isinstance(comparison.get("comparisons"), list) and all(
+            isinstance(table, dict) and isinstance(table.get("metric"), str) and isinstance(table.get("arms"), list)
+            and all(isinstance(row, dict) and isinstance(row.get("arm"), str)
+                    and all(isinstance(row.get(key), number) for key in ("mean", "low", "high"))
+                    and all(row.get(key) is None or isinstance(row.get(key), number)
+                            for key in ("difference", "difference_low", "difference_high"))
+                    for row in table["arms"])
+            for table in comparison["comparisons"])):
+        raise ValueError(f"{directory / 'verify.json'}: expected the JSON object 'cliptrace curate --verify' "
+                         "writes, with 'comparisons' listing per metric each arm's mean, low and high; run it again "
+                         "or remove the file")
+    return {"directory": directory, "summary": summary, "comparison": comparison}
+
+
+def _curation_assets(curation: dict | None, folder: Path) -> dict | None:
+    """``curation`` with its --verify plot copied to ``folder/assets/curation.png`` (``plot``: its link, or None)."""
+    if curation is None:
+        return None
+    plot = curation["directory"] / "verify.png"
+    if curation["comparison"] is None or not plot.is_file():
+        return {**curation, "plot": None}
+    (folder / "assets").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(plot, folder / "assets" / "curation.png")
+    return {**curation, "plot": "assets/curation.png"}
 
 
 def _read_lds(path: Path) -> dict | None:
