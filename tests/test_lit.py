@@ -14,7 +14,20 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+from transformers import (
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DistilBertConfig,
+    DistilBertModel,
+    ResNetConfig,
+    ResNetModel,
+    ViTConfig,
+    ViTModel,
+)
 from typer.testing import CliRunner
 
 from cliptrace.cli import app
@@ -78,9 +91,7 @@ def backbones(tmp_path_factory: pytest.TempPathFactory, world: Path) -> dict[str
     vit = ViTModel(ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, num_hidden_layers=1,
                              num_attention_heads=2, intermediate_size=32))
     vit.save_pretrained(root / "vit")
-    (root / "vit" / "preprocessor_config.json").write_text(json.dumps(
-        {"do_resize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_normalize": True,
-         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    preprocessor_config(root / "vit")
     bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=32, max_position_embeddings=32, pad_token_id=0))
     bert.save_pretrained(root / "bert")
@@ -97,6 +108,13 @@ def run(tmp_path_factory: pytest.TempPathFactory, world: Path, backbones: dict[s
              "--lock-image", *TRAIN_OPTIONS)
     assert sha256s(backbones["image"]) == before, "training wrote into the locked backbone's directory"
     return out
+
+
+def preprocessor_config(directory: Path) -> None:
+    """A ViT-style ``preprocessor_config.json`` at IMAGE_SIZE."""
+    (directory / "preprocessor_config.json").write_text(json.dumps(
+        {"do_resize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_normalize": True,
+         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
 
 
 def pixels(n: int = 3) -> torch.Tensor:
@@ -223,6 +241,11 @@ def test_resuming_a_lit_run_reproduces_it_exactly(run: Path, world: Path, backbo
     assert (run / "train.csv").read_text() == (cut / "train.csv").read_text()
 
 
+def test_eval_reads_the_lit_run(run: Path, world: Path) -> None:
+    code, stderr, exception = run_cli("eval", run, world, "--split", "", "--no-progress")
+    assert code == 0, (stderr, exception)
+
+
 # --- a changed or missing locked backbone ------------------------------------------------------------------
 
 
@@ -305,6 +328,71 @@ def test_save_load_of_a_locked_model_is_bit_exact_after_a_step(backbones: dict[s
     want, got = model.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
     model.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(pixels()), loaded.encode_image(pixels()))
+        assert torch.equal(model.encode_text(**tokens), loaded.encode_text(**tokens))
+
+
+def test_weights_a_locked_backbone_lacks_are_the_same_on_every_load(backbones: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    text = Path(shutil.copytree(backbones["text"], tmp_path / "text"))
+    weights = load_file(text / "model.safetensors")
+    kept = {name: tensor for name, tensor in weights.items() if not name.startswith("pooler.")}
+    assert len(kept) < len(weights)  # the pooler is left out, so loading initializes it
+    save_file(kept, text / "model.safetensors", metadata={"format": "pt"})
+    model = FrozenBackboneDualEncoder.from_pretrained(backbones["image"], text, projection_dim=8, lock_text=True)
+    model.save(tmp_path / "saved")
+    torch.manual_seed(123)  # another global random state: the missing weights must not depend on it
+    want, got = model.state_dict(), load_model(tmp_path / "saved").state_dict()
+    assert any(name.startswith("text.pooler.") for name in want)
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+
+
+OTHER_BACKBONES = {  # name -> (image backbone, text backbone of a vocabulary size, lock_image, lock_text)
+    "resnet-distilbert": (
+        lambda: ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")),
+        lambda vocab: DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                                       max_position_embeddings=32, pad_token_id=0)),
+        True, False),
+    "clip-towers": (
+        lambda: CLIPVisionModel(CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=16,
+                                                 intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)),
+        lambda vocab: CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                                   num_hidden_layers=1, num_attention_heads=2,
+                                                   max_position_embeddings=32, eos_token_id=1)),
+        False, True),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_BACKBONES)
+def test_other_backbone_families_save_the_unlocked_tower_and_reload_exactly(
+        backbones: dict[str, Path], tmp_path: Path, name: str) -> None:
+    make_image, make_text, lock_image, lock_text = OTHER_BACKBONES[name]
+    tokenizer_files = [backbones["text"] / file for file in ("tokenizer.json", "tokenizer_config.json")]
+    torch.manual_seed(0)
+    make_image().save_pretrained(tmp_path / "image")
+    preprocessor_config(tmp_path / "image")
+    vocab = len(json.loads(tokenizer_files[0].read_text())["model"]["vocab"])
+    make_text(vocab).save_pretrained(tmp_path / "text")
+    for path in tokenizer_files:
+        shutil.copy(path, tmp_path / "text" / path.name)
+    model = FrozenBackboneDualEncoder.from_pretrained(tmp_path / "image", tmp_path / "text", projection_dim=8, seed=0,
+                                                      lock_image=lock_image, lock_text=lock_text)
+    tokens = model.tokenize(["a red circle", "a blue square", "a green triangle"])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    image_features, text_features, scale = model(pixels(), tokens["input_ids"], tokens["attention_mask"])
+    F.cross_entropy(scale * image_features @ text_features.T, torch.arange(3)).backward()
+    optimizer.step()
+    model.save(tmp_path / "saved")
+    stored = {tower for tower, directory in (("image", "vision"), ("text", "text"))
+              if list((tmp_path / "saved" / directory).glob("*.safetensors"))}
+    assert stored == {tower for tower, locked in (("image", lock_image), ("text", lock_text)) if not locked}
+    loaded = load_model(tmp_path / "saved")
+    assert loaded.locked == {"image": lock_image, "text": lock_text}
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want)
+    model.eval()
+    loaded.eval()
     with torch.no_grad():
         assert torch.equal(model.encode_image(pixels()), loaded.encode_image(pixels()))
         assert torch.equal(model.encode_text(**tokens), loaded.encode_text(**tokens))
