@@ -250,7 +250,7 @@ def test_eval_reads_the_lit_run(run: Path, world: Path) -> None:
 
 
 @pytest.fixture
-def moved_run(run: Path, backbones: dict[str, Path], world: Path, tmp_path: Path) -> tuple[Path, Path]:
+def moved_run(backbones: dict[str, Path], world: Path, tmp_path: Path) -> tuple[Path, Path]:
     """A one-epoch LiT run whose locked image backbone is a copy the test may damage."""
     backbone = Path(shutil.copytree(backbones["image"], tmp_path / "vit"))
     out = tmp_path / "run"
@@ -311,26 +311,39 @@ def test_incompatible_model_options_are_one_line_errors(world: Path, backbones: 
 # --- the Python API: save and load --------------------------------------------------------------------------
 
 
-def test_save_load_of_a_locked_model_is_bit_exact_after_a_step(backbones: dict[str, Path], tmp_path: Path) -> None:
-    model = FrozenBackboneDualEncoder.from_pretrained(backbones["image"], backbones["text"], projection_dim=8,
-                                                      lock_image=True, lock_text=True, seed=0)
+def take_a_step(model: FrozenBackboneDualEncoder) -> dict[str, torch.Tensor]:
+    """One SGD step of the contrastive loss on three pairs, so that the trainable weights leave their start."""
     tokens = model.tokenize(["a red circle", "a blue square", "a green triangle"])
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     image, text, scale = model(pixels(), tokens["input_ids"], tokens["attention_mask"])
     F.cross_entropy(scale * image @ text.T, torch.arange(3)).backward()
     optimizer.step()
+    return tokens
+
+
+def assert_reloads_exactly(model: FrozenBackboneDualEncoder, directory: Path, tokens: dict[str, torch.Tensor]
+                           ) -> FrozenBackboneDualEncoder:
+    """``directory`` (where ``model`` was saved) loads to the same weights and, in eval mode, the same outputs."""
+    loaded = load_model(directory)
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(pixels()), loaded.encode_image(pixels()))
+        assert torch.equal(model.encode_text(**tokens), loaded.encode_text(**tokens))
+    return loaded
+
+
+def test_save_load_of_a_locked_model_is_bit_exact_after_a_step(backbones: dict[str, Path], tmp_path: Path) -> None:
+    model = FrozenBackboneDualEncoder.from_pretrained(backbones["image"], backbones["text"], projection_dim=8,
+                                                      lock_image=True, lock_text=True, seed=0)
+    tokens = take_a_step(model)
     model.save(tmp_path / "saved")
     assert sorted(path.name for path in (tmp_path / "saved").iterdir()) == ["cliptrace_model.json",
                                                                             "heads.safetensors", "text"]
     assert not list((tmp_path / "saved" / "text").glob("*.safetensors"))
-    loaded = load_model(tmp_path / "saved")
-    assert loaded.locked == {"image": True, "text": True}
-    want, got = model.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model.encode_image(pixels()), loaded.encode_image(pixels()))
-        assert torch.equal(model.encode_text(**tokens), loaded.encode_text(**tokens))
+    assert assert_reloads_exactly(model, tmp_path / "saved", tokens).locked == {"image": True, "text": True}
 
 
 def test_weights_a_locked_backbone_lacks_are_the_same_on_every_load(backbones: dict[str, Path],
@@ -342,10 +355,9 @@ def test_weights_a_locked_backbone_lacks_are_the_same_on_every_load(backbones: d
     save_file(kept, text / "model.safetensors", metadata={"format": "pt"})
     model = FrozenBackboneDualEncoder.from_pretrained(backbones["image"], text, projection_dim=8, lock_text=True)
     model.save(tmp_path / "saved")
+    assert any(name.startswith("text.pooler.") for name in model.state_dict())
     torch.manual_seed(123)  # another global random state: the missing weights must not depend on it
-    want, got = model.state_dict(), load_model(tmp_path / "saved").state_dict()
-    assert any(name.startswith("text.pooler.") for name in want)
-    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+    assert_reloads_exactly(model, tmp_path / "saved", model.tokenize(["a red circle"]))
 
 
 OTHER_BACKBONES = {  # name -> (image backbone, text backbone of a vocabulary size, lock_image, lock_text)
@@ -378,24 +390,13 @@ def test_other_backbone_families_save_the_unlocked_tower_and_reload_exactly(
         shutil.copy(path, tmp_path / "text" / path.name)
     model = FrozenBackboneDualEncoder.from_pretrained(tmp_path / "image", tmp_path / "text", projection_dim=8, seed=0,
                                                       lock_image=lock_image, lock_text=lock_text)
-    tokens = model.tokenize(["a red circle", "a blue square", "a green triangle"])
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    image_features, text_features, scale = model(pixels(), tokens["input_ids"], tokens["attention_mask"])
-    F.cross_entropy(scale * image_features @ text_features.T, torch.arange(3)).backward()
-    optimizer.step()
+    tokens = take_a_step(model)
     model.save(tmp_path / "saved")
     stored = {tower for tower, directory in (("image", "vision"), ("text", "text"))
               if list((tmp_path / "saved" / directory).glob("*.safetensors"))}
     assert stored == {tower for tower, locked in (("image", lock_image), ("text", lock_text)) if not locked}
-    loaded = load_model(tmp_path / "saved")
+    loaded = assert_reloads_exactly(model, tmp_path / "saved", tokens)
     assert loaded.locked == {"image": lock_image, "text": lock_text}
-    want, got = model.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys() and all(torch.equal(want[key], got[key]) for key in want)
-    model.eval()
-    loaded.eval()
-    with torch.no_grad():
-        assert torch.equal(model.encode_image(pixels()), loaded.encode_image(pixels()))
-        assert torch.equal(model.encode_text(**tokens), loaded.encode_text(**tokens))
 
 
 def test_an_old_style_frozen_directory_with_stored_backbones_still_loads(backbones: dict[str, Path],
