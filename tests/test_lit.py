@@ -81,22 +81,28 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_shapes_world(tmp_path_factory.mktemp("lit_world"), n_images=48, image_size=IMAGE_SIZE, seed=5)
 
 
-@pytest.fixture(scope="module")
-def backbones(tmp_path_factory: pytest.TempPathFactory, world: Path) -> dict[str, Path]:
-    """A tiny ViT with a ViT-style preprocessor_config.json and a tiny BERT with a tokenizer trained offline."""
-    root = tmp_path_factory.mktemp("lit_backbones")
-    captions = [caption for record in load_records(world) for caption in record.captions]
+def save_tiny_backbones(root: Path, data: Path) -> dict[str, Path]:
+    """A tiny ViT with a ViT-style preprocessor_config.json and a tiny BERT with a BPE tokenizer trained offline on
+    the captions of ``data``, saved under ``root``; returns their directories by tower."""
+    captions = [caption for record in load_records(data) for caption in record.captions]
     tokenizer = train_tokenizer(captions, vocab_size=300, context_length=32)
-    torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, num_hidden_layers=1,
-                             num_attention_heads=2, intermediate_size=32))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = ViTModel(ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=24, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32))
+        bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                    pad_token_id=0))
     vit.save_pretrained(root / "vit")
     preprocessor_config(root / "vit")
-    bert = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=32, pad_token_id=0))
     bert.save_pretrained(root / "bert")
     tokenizer.save_pretrained(root / "bert")
     return {"image": root / "vit", "text": root / "bert"}
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory: pytest.TempPathFactory, world: Path) -> dict[str, Path]:
+    return save_tiny_backbones(tmp_path_factory.mktemp("lit_backbones"), world)
 
 
 @pytest.fixture(scope="module")
