@@ -175,6 +175,18 @@ def test_the_run_records_its_backbones_and_locks(run: Path, backbones: dict[str,
     assert all(p.requires_grad for p in model.text.parameters())
 
 
+def test_a_config_saved_before_backbones_existed_reads_them_as_none(tmp_path: Path) -> None:
+    config = {"data": "data.csv", "out": str(tmp_path), "inputs": {"data": "/d/data.csv", "model": None,
+                                                                   "train_ids": None}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert TrainConfig.load_inputs(tmp_path / "config.json") == {
+        "data": "/d/data.csv", "model": None, "train_ids": None, "val_data": None, "image_backbone": None,
+        "text_backbone": None}
+    loaded = TrainConfig.load(tmp_path / "config.json")
+    assert (loaded.image_backbone, loaded.text_backbone, loaded.lock_image, loaded.lock_text) == (None, None, False,
+                                                                                                  False)
+
+
 def test_lit_training_lowers_the_contrastive_loss(run: Path, world: Path) -> None:
     start = initial_model(TrainConfig.load(run / "config.json"))
     trained = load_model(run / "model")
@@ -233,13 +245,14 @@ def test_the_fine_tuned_text_tower_is_stored_and_reloads_exactly(run: Path, back
 
 
 def test_resuming_a_lit_run_reproduces_it_exactly(run: Path, world: Path, backbones: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A crash during epoch 2: only the epoch-1 checkpoint survives; resuming with the same command must reproduce it.
     cut = Path(shutil.copytree(run, tmp_path / "cut"))
     for path in [*list_checkpoints(cut)[1:], cut / "model"]:
         shutil.rmtree(path)
-    train_ok(world, "--out", cut, "--resume", "--image-backbone", backbones["image"], "--text-backbone",
-             backbones["text"], "--lock-image", *TRAIN_OPTIONS)
+    monkeypatch.chdir(backbones["image"].parent)  # the same backbones, spelled relative to another directory
+    train_ok(world, "--out", cut, "--resume", "--image-backbone", backbones["image"].name, "--text-backbone",
+             backbones["text"].name, "--lock-image", *TRAIN_OPTIONS)
     want, got = load_model(run / "model").state_dict(), load_model(cut / "model").state_dict()
     assert want.keys() == got.keys()
     for name in want:
