@@ -72,7 +72,8 @@ def tensors_of(path: Path) -> dict[str, torch.Tensor]:
     found = {}
     for file in sorted(path.rglob("*.safetensors")):
         with safe_open(file, "pt") as handle:
-            found.update({f"{file.relative_to(path)}:{name}": handle.get_tensor(name) for name in handle.keys()})  # noqa: SIM118
+            names = list(handle.keys())
+            found.update({f"{file.relative_to(path)}:{name}": handle.get_tensor(name) for name in names})
     return found
 
 
@@ -210,7 +211,8 @@ def test_checkpoints_hold_no_copy_of_the_locked_backbone(run: Path, backbones: d
         assert set(stored) >= {"heads.safetensors:visual_projection.weight", "text/model.safetensors:"
                                "embeddings.word_embeddings.weight"}
         for name, tensor in stored.items():  # no stored tensor (training state included) is one of the backbone's
-            assert not any(tensor.shape == other.shape and torch.equal(tensor, other) for other in backbone.values()), name
+            same = [other for other in backbone.values() if other.shape == tensor.shape and torch.equal(other, tensor)]
+            assert not same, name
 
 
 def test_the_manifest_records_the_backbones_path_and_file_digests(run: Path, backbones: dict[str, Path]) -> None:
@@ -304,6 +306,22 @@ def test_resuming_with_a_missing_backbone_is_one_error_naming_it(moved_run: tupl
     checkpoint = list_checkpoints(out)[-1]
     assert line == (f"error: {checkpoint}: its locked image backbone {backbone.resolve()} is missing (config.json not "
                     "found); the model directory holds no copy of it: restore the backbone there")
+
+
+@pytest.mark.parametrize("towers, message", [
+    ({"image": {"locked": "yes"}, "text": {"locked": False}}, "key 'towers' must map 'image' and 'text'"),
+    ({"image": {"locked": True, "backbone": {"path": "vit", "sha256": {"config.json": "0"}}},
+      "text": {"locked": False}}, "a backbone reference needs an absolute 'path'"),
+    ({"image": {"locked": False, "backbone": {"path": "/vit", "sha256": {"config.json": "0"}}},
+      "text": {"locked": False}}, "the image tower is not locked, so its backbone must be stored"),
+])
+def test_a_malformed_towers_entry_is_named(run: Path, tmp_path: Path, towers: dict, message: str) -> None:
+    model_dir = Path(shutil.copytree(run / "model", tmp_path / "model"))
+    manifest = json.loads((model_dir / "cliptrace_model.json").read_text())
+    (model_dir / "cliptrace_model.json").write_text(json.dumps({**manifest, "towers": towers}))
+    with pytest.raises(ValueError) as caught:
+        load_model(model_dir)
+    assert str(caught.value).startswith(f"{model_dir / 'cliptrace_model.json'}: {message}")
 
 
 # --- bad combinations of options ---------------------------------------------------------------------------

@@ -339,7 +339,8 @@ def _read_towers(manifest: dict[str, Any], directory: Path) -> dict[str, tuple[b
     for tower, entry in towers.items():
         reference = None if "backbone" not in entry else BackboneReference.from_dict(entry["backbone"], source)
         if reference is not None and not entry["locked"]:
-            raise ValueError(f"{source}: the {tower} tower is not locked, so its backbone must be stored, not referenced")
+            raise ValueError(f"{source}: the {tower} tower is not locked, so its backbone must be stored, not "
+                             "referenced")
         read[tower] = (entry["locked"], reference)
     return read
 
