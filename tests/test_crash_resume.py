@@ -21,13 +21,14 @@ import torch
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, list_checkpoints, train
+from test_lit import save_tiny_backbones
 
 KILLS = 10
 TRAK_OPTIONS = ["--proj-dim", "32", "--lambda-reg", "0.1", "--bank-size", "12", "--batch-size", "2", "--no-progress",
                 "--top-k", "3"]
-TRAIN_OPTIONS = ["--preset", "tiny", "--image-size", "32", "--vocab-size", "300", "--epochs", "4", "--batch-size", "8",
-                 "--warmup-steps", "2", "--seed", "3", "--eval-split", "", "--no-progress", "--accelerator", "cpu",
-                 "--save-every", "1"]
+PRESET_OPTIONS = ["--preset", "tiny", "--image-size", "32", "--vocab-size", "300"]
+TRAIN_OPTIONS = ["--epochs", "4", "--batch-size", "8", "--warmup-steps", "2", "--seed", "3", "--eval-split", "",
+                 "--no-progress", "--accelerator", "cpu", "--save-every", "1"]
 
 # Runs a cliptrace command in-process after the heavy imports, and says when it starts, so that the kill times are
 # spread over the work itself rather than over interpreter start-up.
@@ -146,9 +147,16 @@ def test_featurize_and_score_killed_at_random_points_resume_to_the_uninterrupted
     assert not list(crashed.rglob("*.tmp*")), "a temporary file was left behind as if it were an output"
 
 
-def test_training_killed_at_random_points_resumes_to_the_same_weights_and_log(world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lit", [False, True], ids=["preset", "lit"])
+def test_training_killed_at_random_points_resumes_to_the_same_weights_and_log(world: Path, tmp_path: Path,
+                                                                              lit: bool) -> None:
+    model = PRESET_OPTIONS
+    if lit:  # a locked image backbone, referenced by every checkpoint, and a fine-tuned text backbone
+        backbones = save_tiny_backbones(tmp_path / "backbones", world)
+        model = ["--image-backbone", backbones["image"], "--text-backbone", backbones["text"], "--lock-image"]
+
     def command(name: str) -> list[str]:
-        return ["train", world, "--out", tmp_path / name, "--resume", *TRAIN_OPTIONS]
+        return ["train", world, "--out", tmp_path / name, "--resume", *model, *TRAIN_OPTIONS]
 
     work = _run_to_completion(command("reference"))
     crashed = tmp_path / "crashed"

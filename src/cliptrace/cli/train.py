@@ -30,15 +30,36 @@ def _eval_settings(eval_split: str | None, has_val_data: bool) -> dict:
     return {"eval_split": eval_split or None, "eval_required": bool(eval_split) or has_val_data}
 
 
+def _check_backbone_options(image_backbone: Path | None, preset: str | None, vocab_size: int | None) -> None:
+    """Refuse the options of a new preset model beside backbones (the training config cannot tell them given: it
+    holds their defaults). Raises ValueError naming the options."""
+    given = [name for name, value in (("--preset", preset), ("--vocab-size", vocab_size)) if value is not None]
+    if image_backbone is not None and given:
+        raise ValueError(f"{' and '.join(given)} set up a new preset model: they do not go with --image-backbone")
+
+
 @with_data_options
 def train_command(
     data: Annotated[Path, typer.Argument(help=f"Dataset: {SUPPORTED}.")],
     data_options: DataOptions,
     out: Annotated[Path, typer.Option(help="Run directory for config, logs, checkpoints and the final model.")],
     model: Annotated[Optional[Path], typer.Option(help="Start from this model directory instead of a new model.")] = None,
-    preset: Annotated[str, typer.Option(help="Size preset of a new HF CLIP model (tiny, small, base).")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option(
+        help="Size preset of a new HF CLIP model (tiny, small, base; default tiny).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input resolution of a new model (default: the preset's).")] = None,
-    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the captions of a new model.")] = 1024,
+    vocab_size: Annotated[Optional[int], typer.Option(
+        help="BPE vocabulary trained on the captions of a new model (default 1024).")] = None,
+    image_backbone: Annotated[Optional[Path], typer.Option(
+        help="Train a dual encoder of two local HuggingFace backbones with new linear heads (LiT) instead of a preset "
+             "model: this image model directory (ViT, ResNet, CLIPVisionModel, ...) with its "
+             "preprocessor_config.json. Needs --text-backbone.")] = None,
+    text_backbone: Annotated[Optional[Path], typer.Option(
+        help="The text model directory (BERT, DistilBERT, CLIPTextModel, ...) with its tokenizer, for "
+             "--image-backbone.")] = None,
+    lock_image: Annotated[bool, typer.Option(
+        help="Keep the image backbone fixed (locked-image tuning; else it is fine-tuned). Checkpoints then hold no "
+             "copy of it, only its path and sha256: it must stay where and as it is.")] = False,
+    lock_text: Annotated[bool, typer.Option(help="Keep the text backbone fixed, as --lock-image does.")] = False,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     train_ids: Annotated[Optional[Path], typer.Option(help="File of record ids (one per line): train only on these.")] = None,
     val_data: Annotated[Optional[Path], typer.Option(
@@ -84,11 +105,16 @@ def train_command(
     from cliptrace.train import train
 
     with reported_errors():
+        _check_backbone_options(image_backbone, preset, vocab_size)
         if resume:  # a resumed run reads its data as it did; options given must agree with them
             data_options = run_data_options(out, data_options)
         config = TrainConfig(
-            data=str(data), out=str(out), model=str(model) if model else None, preset=preset,
-            image_size=image_size, vocab_size=vocab_size, data_options=data_options, train_split=train_split,
+            data=str(data), out=str(out), model=str(model) if model else None,
+            **{name: value for name, value in (("preset", preset), ("vocab_size", vocab_size)) if value is not None},
+            image_size=image_size, data_options=data_options,
+            image_backbone=str(image_backbone) if image_backbone else None,
+            text_backbone=str(text_backbone) if text_backbone else None, lock_image=lock_image, lock_text=lock_text,
+            train_split=train_split,
             train_ids=str(train_ids) if train_ids else None, val_data=str(val_data) if val_data else None,
             **_eval_settings(eval_split, val_data is not None), epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
             warmup_steps=warmup_steps, grad_clip=grad_clip or None, precision=precision, accelerator=accelerator,

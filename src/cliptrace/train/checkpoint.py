@@ -5,6 +5,11 @@ A checkpoint ``checkpoints/epoch-NNNN/`` holds a model directory, the training s
 every other file in it. Resuming verifies them, so a checkpoint truncated or damaged anywhere is detected, and falls
 back to the newest checkpoint that is intact. Checkpoints of older versions hold a pickled ``training_state.pt``:
 they still load as models, but resuming from one is refused, since unpickling a file can run arbitrary code.
+
+A model with a locked backbone loaded from a local directory (locked-image tuning) saves no copy of it: the
+checkpoint's model manifest references the backbone by path and file digests (see
+:mod:`cliptrace.models.backbone_reference`), and loading the checkpoint checks them. A missing or changed backbone
+is not a damaged checkpoint: it fails every checkpoint of the run alike, so it is reported as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from safetensors import SafetensorError
 
 from cliptrace.files import atomic_directory, file_sha256
 from cliptrace.models import load_model
+from cliptrace.models.backbone_reference import BackboneChangedError
 from cliptrace.models.base import DualEncoder
 from cliptrace.train.run_dir import RunWarning
 from cliptrace.train.state_file import read_state, write_state
@@ -127,6 +133,7 @@ def load_checkpoint(directory: Path) -> tuple[DualEncoder, dict[str, Any]]:
 
     Raises:
         PickledStateError: The checkpoint holds a pickled training state from an older cliptrace.
+        BackboneChangedError: A locked backbone it references is missing or changed (naming it and the checkpoint).
         ValueError, OSError: The checkpoint is damaged or does not load; the message starts with the file.
     """
     verify_checkpoint(directory)
@@ -140,6 +147,7 @@ def resume_point(run_dir: Path, warn: bool = True) -> tuple[Path, DualEncoder, d
 
     Raises:
         PickledStateError: The newest intact checkpoint holds a pickled training state.
+        BackboneChangedError: A locked backbone the newest intact checkpoint references is missing or changed.
         ValueError: Every checkpoint is damaged.
     """
     checkpoints = list_checkpoints(run_dir)
@@ -147,7 +155,7 @@ def resume_point(run_dir: Path, warn: bool = True) -> tuple[Path, DualEncoder, d
     for directory in reversed(checkpoints):
         try:
             model, state = load_checkpoint(directory)
-        except PickledStateError:
+        except (PickledStateError, BackboneChangedError):
             raise
         except (ValueError, OSError) as error:
             damaged.append(str(error))

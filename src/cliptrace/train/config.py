@@ -18,7 +18,9 @@ from cliptrace.files import file_sha256, write_text_atomic
 # the run is now, so a run directory may be moved or copied and resumed there.
 RESUMABLE_CHANGES = ("epochs", "num_workers", "progress", "out", "eval_required")
 # Settings that name files: compared by what they stand for (see TrainConfig.inputs), not by how they are spelled.
-PATH_SETTINGS = ("data", "model", "train_ids", "val_data")
+PATH_SETTINGS = ("data", "model", "train_ids", "val_data", "image_backbone", "text_backbone")
+# Path settings added after the first configs were saved: what older configs record of them is None.
+LATER_PATH_SETTINGS = ("val_data", "image_backbone", "text_backbone")
 INPUTS = "inputs"  # the key of config.json that records what the paths stood for when it was saved
 
 
@@ -29,9 +31,17 @@ class TrainConfig:
     Attributes:
         data: Dataset path in any format :func:`cliptrace.data.load_records` reads.
         out: Run directory (config, logs, checkpoints, final model).
-        model: Model directory to start from; None builds a new model from ``preset``.
+        model: Model directory to start from; None builds a new model from ``preset``, or from ``image_backbone`` and
+            ``text_backbone`` when given.
         preset: Size preset of a new HF CLIP model (see :data:`cliptrace.models.PRESETS`).
         image_size: Input resolution of a new model; None keeps the preset's.
+        image_backbone: A local HuggingFace image model directory (with its ``preprocessor_config.json``): with
+            ``text_backbone``, the run trains a :class:`~cliptrace.models.FrozenBackboneDualEncoder` of the two
+            backbones (mean pooling, new linear heads) instead of a preset model.
+        text_backbone: A local HuggingFace text model directory with its tokenizer; goes with ``image_backbone``.
+        lock_image: Keep the image backbone's weights fixed (locked-image tuning, LiT); else it is fine-tuned.
+            Checkpoints reference a locked backbone by path and sha256 instead of copying it.
+        lock_text: Keep the text backbone's weights fixed.
         vocab_size: Vocabulary size of the BPE tokenizer trained on the training captions of a new model.
         data_options: How ``data`` (and ``val_data``) is read: format, image root, CSV separator, image and caption
             keys (see :class:`~cliptrace.data.options.DataOptions`); a dict of its fields is accepted too.
@@ -101,6 +111,10 @@ class TrainConfig:
     progress: bool = True
     on_bad_sample: str = "fail"
     stream: bool = False
+    image_backbone: str | None = None
+    text_backbone: str | None = None
+    lock_image: bool = False
+    lock_text: bool = False
 
     def __post_init__(self) -> None:
         self.data_options = DataOptions.from_dict(self.data_options, "data_options")
@@ -119,6 +133,23 @@ class TrainConfig:
         if self.stream and (self.train_ids is not None or self.on_bad_sample != "fail"):
             raise ValueError("stream reads shards as they come: it cannot select train_ids or skip bad samples "
                              "(which need every record up front); check the data with `cliptrace data check`")
+        self._check_backbones()
+
+    def _check_backbones(self) -> None:
+        """Refuse backbone settings that do not go together (each message gives the CLI option too)."""
+        if (self.image_backbone is None) != (self.text_backbone is None):
+            raise ValueError("image_backbone and text_backbone go together (--image-backbone with --text-backbone): "
+                             "a dual encoder of backbones needs one for each tower")
+        for tower, lock in (("image", self.lock_image), ("text", self.lock_text)):
+            if lock and getattr(self, f"{tower}_backbone") is None:
+                raise ValueError(f"lock_{tower} needs {tower}_backbone (--lock-{tower} needs --{tower}-backbone): "
+                                 "there is no backbone to lock")
+        if self.image_backbone is not None and self.model is not None:
+            raise ValueError("model and the backbones exclude each other (--model or --image-backbone/"
+                             "--text-backbone): start from a model directory, or build a new model of two backbones")
+        if self.image_backbone is not None and self.image_size is not None:
+            raise ValueError("image_size does not apply to backbones (--image-size with --image-backbone): the input "
+                             "resolution is the image backbone's preprocessor_config.json")
 
     @property
     def data_format(self) -> str:
@@ -155,8 +186,8 @@ class TrainConfig:
     def load_inputs(cls, path: Path) -> dict[str, str | None] | None:
         """What the paths of a config written by :meth:`save` stood for then; None when it does not say."""
         inputs = cls._read(path).get(INPUTS)
-        if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) - {"val_data"}:
-            inputs = {**inputs, "val_data": None}  # saved before val_data existed
+        if isinstance(inputs, dict) and set(PATH_SETTINGS) - set(LATER_PATH_SETTINGS) <= set(inputs):
+            inputs = {**dict.fromkeys(LATER_PATH_SETTINGS), **inputs}  # saved before those settings existed
         return inputs if isinstance(inputs, dict) and set(inputs) == set(PATH_SETTINGS) else None
 
     @staticmethod
@@ -170,19 +201,20 @@ class TrainConfig:
         return data
 
     def absolute(self) -> "TrainConfig":
-        """This config with its paths (``data``, ``model``, ``train_ids``, ``val_data`` and the image root of
-        ``data_options``) absolute: valid from any directory."""
+        """This config with its paths (:data:`PATH_SETTINGS` and the image root of ``data_options``) absolute: valid
+        from any directory."""
         return dataclasses.replace(
             self, data_options=self.data_options.absolute(),
             **{name: os.path.abspath(getattr(self, name)) for name in PATH_SETTINGS if getattr(self, name)},
         )
 
     def inputs(self) -> dict[str, str | None]:
-        """What ``data``, ``model``, ``train_ids`` and ``val_data`` stand for, however they are spelled.
+        """What the paths of :data:`PATH_SETTINGS` stand for, however they are spelled.
 
         ``data`` (and ``val_data``) is the dataset file (or shard folder or pattern) that format detection reads, with symlinks and
-        relative parts resolved, so a folder and its ``captions.csv`` are the same; ``model`` is the resolved model
-        directory; ``train_ids`` is the sha256 of the file's contents (its resolved path when it cannot be read).
+        relative parts resolved, so a folder and its ``captions.csv`` are the same; ``model`` and the backbones are
+        the resolved model directories; ``train_ids`` is the sha256 of the file's contents (its resolved path when
+        it cannot be read).
         Relative paths are taken from the current directory.
         """
         train_ids = None
@@ -194,8 +226,9 @@ class TrainConfig:
         return {
             "data": _dataset_target(self.data, self.data_format),
             "val_data": None if self.val_data is None else _dataset_target(self.val_data, self.data_format),
-            "model": None if self.model is None else str(Path(self.model).resolve()),
             "train_ids": train_ids,
+            **{name: None if getattr(self, name) is None else str(Path(getattr(self, name)).resolve())
+               for name in ("model", "image_backbone", "text_backbone")},
         }
 
     def differences(self, other: "TrainConfig", other_inputs: dict[str, str | None] | None = None

@@ -26,7 +26,7 @@ from cliptrace.data.stream import ShardIndex, ShardStream, check_shard_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
-from cliptrace.models import HFCLIP, load_model, train_tokenizer
+from cliptrace.models import HFCLIP, FrozenBackboneDualEncoder, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
 from cliptrace.train.checkpoint import (
     checkpoint_dir,
@@ -68,10 +68,13 @@ class TrainResult:
 
 
 def _new_model(config: TrainConfig, captions: Callable[[], list[str]]) -> DualEncoder:
-    """A model to start from: the given model directory, or a new HF CLIP with a tokenizer trained on the
-    training captions (``captions()``, called only then)."""
+    """A model to start from: the given model directory, a dual encoder of the given backbones, or a new HF CLIP
+    with a tokenizer trained on the training captions (``captions()``, called only then)."""
     if config.model is not None:
         return load_model(config.model)
+    if config.image_backbone is not None:
+        return FrozenBackboneDualEncoder.from_pretrained(config.image_backbone, config.text_backbone,
+                                                         lock_image=config.lock_image, lock_text=config.lock_text)
     captions = captions()
     preset_context = HFCLIP.preset_context_length(config.preset)
     tokenizer = train_tokenizer(captions, vocab_size=config.vocab_size, context_length=preset_context)
