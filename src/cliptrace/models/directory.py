@@ -154,18 +154,28 @@ def read_preprocessor_config(directory: str | Path) -> ImageTransform | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
-    resize = _side(data.get("size"), path, "size")
-    crop = _side(data.get("crop_size"), path, "crop_size") if data.get("do_center_crop", True) else None
+    return transform_from_config(data, path)
+
+
+def transform_from_config(data: dict[str, Any], source: str | Path) -> ImageTransform:
+    """The preprocessing a HuggingFace image processor config (``preprocessor_config.json``, or an image
+    processor's ``to_dict()``) declares, as :func:`read_preprocessor_config` reads it; ``source`` names it in errors.
+
+    Raises:
+        ValueError: The config has no usable size, or a mean or std without 3 values.
+    """
+    resize = _side(data.get("size"), source, "size")
+    crop = _side(data.get("crop_size"), source, "crop_size") if data.get("do_center_crop", True) else None
     size = crop or resize
     if size is None:
-        raise ValueError(f"{path}: neither key 'crop_size' nor key 'size' gives an image size")
+        raise ValueError(f"{source}: neither key 'crop_size' nor key 'size' gives an image size")
     if crop and resize and crop != resize:
-        warnings.warn(f"{path}: resize {resize} then crop {crop} is approximated by resizing to {crop}",
-                      CliptraceWarning, stacklevel=2)
+        warnings.warn(f"{source}: resize {resize} then crop {crop} is approximated by resizing to {crop}",
+                      CliptraceWarning, stacklevel=3)
     mean = tuple(float(v) for v in data.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(v) for v in data.get("image_std", OPENAI_CLIP_STD))
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"{path}: keys 'image_mean' and 'image_std' must hold 3 values each")
+        raise ValueError(f"{source}: keys 'image_mean' and 'image_std' must hold 3 values each")
     return ImageTransform(size=size, mean=mean, std=std)
 
 
@@ -194,7 +204,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _side(value: Any, path: Path, key: str) -> int | None:
+def _side(value: Any, path: str | Path, key: str) -> int | None:
     """A side length from an int or a ``{"shortest_edge"}``/``{"height", "width"}`` size entry."""
     if value is None:
         return None
