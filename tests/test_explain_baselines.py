@@ -454,7 +454,7 @@ def test_pixel_methods_work_for_any_dual_encoder(batch) -> None:
     assert occlusion.shape == (2, 8, 8) and RandomMap().attribute_image(other, images, sides).shape == (2, 8, 8)
     torch.testing.assert_close(occlusion[:, 1, 2], drop.detach())
     for name in set(BASELINES) - PIXEL_LEVEL - {"occlusion", "random"}:
-        with pytest.raises(TowerUnavailable, match="FrozenBackboneDualEncoder does not"):
+        with pytest.raises(TowerUnavailable, match="FrozenBackboneDualEncoder does not describe"):
             make_baseline(name).attribute_image(other, images, sides)
-    with pytest.raises(TowerUnavailable, match="describes its text tower"):
+    with pytest.raises(TowerUnavailable, match="does not describe its text tower"):
         Gradient().attribute_text(other, tokens["input_ids"], tokens["attention_mask"], sides)

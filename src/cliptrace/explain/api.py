@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from cliptrace.evaluate.templates import IMAGENET_TEMPLATES
 from cliptrace.evaluate.zeroshot import class_embeddings
-from cliptrace.explain.base import AttributionMethod, Explanation, image_tower, patch_grid, text_tower
+from cliptrace.explain.base import AttributionMethod, Explanation, missing_tower, patch_grid
 from cliptrace.explain.classwords import ClassPrompts, class_prompts, word_components
 from cliptrace.explain.decomposition import (
     ExactDecomposition,
@@ -31,7 +31,6 @@ from cliptrace.explain.decomposition import (
 from cliptrace.explain.wrap import as_dual_encoder
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.hf_clip import HFCLIP
-from cliptrace.models.towers.base import TowerUnavailable
 
 
 class MethodFailed(RuntimeError):
@@ -67,15 +66,6 @@ def make_method(method: str | AttributionMethod) -> AttributionMethod:
     return make_baseline(method)
 
 
-def missing_tower(model: DualEncoder, side: Literal["image", "text"]) -> str | None:
-    """Why ``model`` does not describe its ``side`` tower (see :mod:`cliptrace.models.towers`), or ``None``."""
-    try:
-        (image_tower if side == "image" else text_tower)(model, f"a {side} tower")
-    except TowerUnavailable as error:
-        return str(error)
-    return None
-
-
 def unavailable_methods(model: DualEncoder, methods: Sequence[str | AttributionMethod]) -> dict[str, str]:
     """The methods of ``methods`` that cannot run on ``model``, each with the reason (its image tower is missing)."""
     reason = missing_tower(model, "image")
@@ -105,7 +95,7 @@ def explain(
         model: Any DualEncoder, or an in-memory ``transformers.CLIPModel`` or ``SiglipModel`` with ``processor``
             (see :func:`~cliptrace.explain.wrap.as_dual_encoder`). The decomposition and the attention and
             embedding-space methods need a model that describes its towers (HFCLIP, OpenCLIPAdapter,
-            SigLIPAdapter; see :func:`missing_tower`).
+            SigLIPAdapter; see :func:`unavailable_methods`).
         images: PIL images, or preprocessed pixels (B, 3, H, W).
         text: The caption of each image (one string serves every image). Exclusive with ``target_class``.
         processor: With a transformers model: its processor (``CLIPProcessor``, ``SiglipProcessor``), or a

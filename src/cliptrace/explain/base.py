@@ -72,7 +72,7 @@ def image_tower(model: DualEncoder, needs: str) -> ImageTower:
     """The model's described image tower (:mod:`cliptrace.models.towers`).
 
     Raises:
-        TowerUnavailable: The model does not describe it; the message names ``needs`` and the reason.
+        TowerUnavailable: The model does not describe it; the message starts with ``needs``, then says why.
     """
     return _tower(model, needs, "image")
 
@@ -82,14 +82,32 @@ def text_tower(model: DualEncoder, needs: str) -> TextTower:
     return _tower(model, needs, "text")
 
 
-def _tower(model: DualEncoder, needs: str, side: str) -> ImageTower | TextTower:
+def missing_tower(model: DualEncoder, side: Literal["image", "text"]) -> str | None:
+    """Why ``model`` does not describe its ``side`` tower (see :mod:`cliptrace.models.towers`), or ``None``."""
+    try:
+        _describe(model, side)
+    except TowerUnavailable as error:
+        return str(error)
+    return None
+
+
+def _tower(model: DualEncoder, needs: str, side: Literal["image", "text"]) -> ImageTower | TextTower:
+    """The described tower; :class:`TowerUnavailable` prefixed with what ``needs`` it."""
+    try:
+        return _describe(model, side)
+    except TowerUnavailable as error:
+        raise TowerUnavailable(f"{needs}: {error}") from None
+
+
+def _describe(model: DualEncoder, side: Literal["image", "text"]) -> ImageTower | TextTower:
+    name = type(model).__name__
     if not isinstance(model, DescribesTowers):
-        raise TowerUnavailable(f"{needs} needs a model that describes its {side} tower (HFCLIP, OpenCLIPAdapter, "
-                               f"SigLIPAdapter); {type(model).__name__} does not")
+        raise TowerUnavailable(f"{name} does not describe its {side} tower (HFCLIP, OpenCLIPAdapter and "
+                               f"SigLIPAdapter do)")
     try:
         return model.image_tower() if side == "image" else model.text_tower()
     except TowerUnavailable as error:
-        raise TowerUnavailable(f"{needs} needs the {side} tower of {type(model).__name__}: {error}") from None
+        raise TowerUnavailable(f"{name} cannot describe its {side} tower: {error}") from None
 
 
 def patch_grid(model: DualEncoder, pixel_values: torch.Tensor) -> tuple[int, int]:
