@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from cliptrace.objectives.softmax import clip_margins
 from cliptrace.trak.batches import concat_batches, map_batch, take_rows
 from cliptrace.trak.clip_call import Texts, clip_embed
 from cliptrace.trak.gradients import parameter_fingerprint
@@ -107,30 +108,6 @@ def compute_bank(
     if not images:
         raise ValueError("the negative bank is empty: no training pairs were given")
     return EmbeddingBank(torch.cat(images), torch.cat(texts), torch.cat(indices).long())
-
-
-def clip_margins(
-    image_embeddings: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    bank_images: torch.Tensor,
-    bank_texts: torch.Tensor,
-    tau: torch.Tensor | float,
-    excluded: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves of the CLIP margin of pairs (B, D) against a bank (K, D) of normalized embeddings.
-
-    Returns ``(τφ·ψ − logsumexp_k τφ·ψ_k, τφ·ψ − logsumexp_k τφ_k·ψ)``, each (B,); ``excluded`` (B, K) leaves
-    bank entries out of a row (a pair that is itself in the bank).
-    """
-    bank_images = bank_images.to(image_embeddings.dtype)
-    bank_texts = bank_texts.to(image_embeddings.dtype)
-    positive = tau * (image_embeddings * text_embeddings).sum(-1)
-    to_texts = tau * image_embeddings @ bank_texts.T
-    to_images = tau * text_embeddings @ bank_images.T
-    if excluded is not None:
-        to_texts = to_texts.masked_fill(excluded, float("-inf"))
-        to_images = to_images.masked_fill(excluded, float("-inf"))
-    return positive - torch.logsumexp(to_texts, -1), positive - torch.logsumexp(to_images, -1)
 
 
 class ClipMargin(ModelOutput):
