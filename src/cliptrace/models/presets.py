@@ -3,6 +3,7 @@ from ``siglip-tiny`` to google/siglip-base-patch16-224 (``siglip-base``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,9 +188,7 @@ def _apply_overrides(overrides: dict[str, Any], vision: dict, text: dict, top: d
                      top_fields: tuple[str, ...] = CLIP_TOP_FIELDS) -> None:
     """Route ``vision_*``/``text_*``/top-level overrides into their dicts, rejecting fields that the
     ``(vision, text)`` config classes and ``top_fields`` do not have."""
-    if not overrides:
-        return
-    vision_fields, text_fields = configs[0]().to_dict(), configs[1]().to_dict()
+    vision_fields, text_fields = ({field.name for field in dataclasses.fields(config)} for config in configs)
     for key, value in overrides.items():
         if key.startswith("vision_") and key.removeprefix("vision_") in vision_fields:
             vision[key.removeprefix("vision_")] = value

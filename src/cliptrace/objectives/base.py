@@ -82,6 +82,17 @@ class Objective(abc.ABC):
         logits = scale * image_features @ text_features.T
         return logits if bias is None else logits + bias
 
+    def pair_logits(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        scale: torch.Tensor | float,
+        bias: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """The logit (B,) of each pair (row i with row i): ``scale·φ_i·ψ_i``, plus the bias where there is one."""
+        logits = scale * (image_features * text_features).sum(-1)
+        return logits if bias is None else logits + bias
+
     def check_bias(self, bias: torch.Tensor | float | None) -> None:
         """Refuse a bias the objective does not take, or a missing one it needs.
 

@@ -75,7 +75,7 @@ class SigmoidObjective(Objective):
                     excluded: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """f = t φ·ψ + b and Q = 1 − σ(f) of each pair; a bank, if given, is not used."""
         self.check_bias(bias)
-        logit = scale * (image_features * text_features).sum(-1) + bias
+        logit = self.pair_logits(image_features, text_features, scale, bias)
         return logit, (1 - torch.sigmoid(logit)).detach()
 
 
