@@ -33,8 +33,8 @@ def tokenizer():
 
 
 def hf_clip(hidden_act: str) -> DualEncoder:
-    return HFCLIP.from_preset("tiny", tokenizer(), seed=0, image_size=32, hidden_act=hidden_act,
-                              vision_num_hidden_layers=2, text_num_hidden_layers=2)
+    return HFCLIP.from_preset("tiny", tokenizer(), seed=0, image_size=32, vision_hidden_act=hidden_act,
+                              text_hidden_act=hidden_act, vision_num_hidden_layers=2, text_num_hidden_layers=2)
 
 
 def siglip(hidden_act: str) -> DualEncoder:
@@ -57,11 +57,12 @@ def open_clip_model(hidden_act: str) -> DualEncoder:
 
     from cliptrace.models.open_clip import OpenCLIPAdapter
 
+    tanh = {"act_kwargs": {"approximate": "tanh"}} if hidden_act == "gelu_pytorch_tanh" else {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.model.CLIP(
-            16, dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32),
-            dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2),
+            16, dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32, **tanh),
+            dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **tanh),
             quick_gelu=hidden_act == "quick_gelu")
     open_clip.model.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
     return OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-test")
@@ -104,7 +105,7 @@ def model(family: str) -> DualEncoder:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu", "gelu_pytorch_tanh"])
 def test_components_sum_to_the_real_embeddings_and_logit(family, dtype, hidden_act):
     model = build(family, dtype, hidden_act)
     pixels, tokens, _ = batch(model)

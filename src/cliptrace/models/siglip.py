@@ -33,6 +33,7 @@ from cliptrace.models.directory import (
 )
 from cliptrace.models.presets import build_siglip_config
 from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.towers.siglip import SiglipImageTower, SiglipTextTower
 from cliptrace.models.weights import safetensors_files, tensor_shapes
 from cliptrace.objectives import SIGMOID, Objective
 
@@ -165,6 +166,14 @@ class SigLIPAdapter(DualEncoder):
     def objective(self) -> Objective:
         """The pairwise sigmoid objective."""
         return SIGMOID
+
+    def image_tower(self) -> SiglipImageTower:
+        """The vision tower described for the exact decomposition and the attention methods."""
+        return SiglipImageTower(self.model)
+
+    def text_tower(self) -> SiglipTextTower:
+        """The text tower described for the exact decomposition and the attention methods."""
+        return SiglipTextTower(self.model, self.tokenizer)
 
     def save(self, directory: str | Path) -> None:
         """Write config, ``model.safetensors``, tokenizer, ``preprocessor_config.json`` and the manifest."""
