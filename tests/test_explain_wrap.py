@@ -35,10 +35,9 @@ def tokenizer():
 def clip(tokenizer):
     model = HFCLIP.from_preset("tiny", tokenizer, seed=0, image_size=32, vision_num_hidden_layers=1,
                                text_num_hidden_layers=1).model.eval()
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                 crop_size={"height": 32, "width": 32},
-                                                                 image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]),
-                              tokenizer=tokenizer)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                         image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
     return model, processor
 
 

@@ -223,7 +223,8 @@ def test_patch_gradient_x_input_is_the_derivative_of_scaling_each_patch_embeddin
             sources = embedding.sources.detach().clone()
             sources[:, index] *= alpha
             with torch.no_grad():
-                scaled.append(model.logit_scale.exp() * (propagation.forward(tower, embedding, sources) * sides).sum(-1))
+                embedded = propagation.forward(tower, embedding, sources)
+            scaled.append(model.logit_scale.exp() * (embedded * sides).sum(-1))
         derivative = (scaled[0] - scaled[1]) / (2 * step)
         torch.testing.assert_close(gradient_map[:, row, column], derivative, atol=1e-6, rtol=1e-5)
 

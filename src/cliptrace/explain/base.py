@@ -31,9 +31,10 @@ class Explanation:
         logit: The explained number for each pair, shape (B,), computed by the real model.
         image_map: Per-patch (B, gh, gw) or per-pixel (B, H, W) relevance; ``None`` if the method has none.
         image_level: ``"patch"`` or ``"pixel"``: what one cell of ``image_map`` covers.
-        text_map: Per-token relevance (B, L) of a caption, zero at padding; for a zero-shot class, per-word
-            relevance (B, W) over its prompts' words (:mod:`cliptrace.explain.classwords`), zero after the
-            pair's words; ``None`` when the method has no text map.
+        text_map: Per-token relevance (B, L) of a caption, zero at padding (except in the exact decomposition of
+            a tower that attends to padding, SigLIP's, where padding owns its real share); for a zero-shot class,
+            per-word relevance (B, W) over its prompts' words (:mod:`cliptrace.explain.classwords`), zero after
+            the pair's words; ``None`` when the method has no text map.
         tokens: Per pair, the caption's tokens (strings, padding left out), or the class's word labels
             (class-name words, template words, special tokens), when there is a text map.
         image_constant: The part of the logit no patch owns (class and position embeddings, biases), shape (B,):

@@ -127,7 +127,8 @@ class OpenCLIPAdapter(DualEncoder):
         """The vision tower described for the exact decomposition and the attention methods.
 
         Raises:
-            TowerUnavailable: It is not a class-token ViT of plain blocks (see :mod:`cliptrace.models.towers.open_clip`).
+            TowerUnavailable: It is not a class-token ViT of plain blocks (see
+                :mod:`cliptrace.models.towers.open_clip`).
         """
         from cliptrace.models.towers.open_clip import OpenCLIPImageTower
 
