@@ -5,6 +5,8 @@ independent computations; what cannot be described is refused in one clear line.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -126,8 +128,12 @@ def test_components_sum_to_the_real_embeddings_and_logit(family, dtype, hidden_a
 
 
 def model_attentions(model: DualEncoder, family: str, pixels: torch.Tensor) -> list[torch.Tensor]:
-    """The image tower's attention probabilities as the model's own modules compute them, collected by hooks."""
+    """The image tower's attention probabilities (B, H, Nq, N) as the model's own modules compute them: HF's eager
+    attention weights, and ``nn.MultiheadAttention`` (open_clip's blocks, SigLIP's pool head) asked for its
+    per-head weights with the same arguments."""
     from torch import nn
+
+    from cliptrace.trak.clip_call import eager_attention
 
     found: list[torch.Tensor] = []
 
@@ -137,16 +143,13 @@ def model_attentions(model: DualEncoder, family: str, pixels: torch.Tensor) -> l
             _, weights = nn.MultiheadAttention.forward(module, query, key, key, need_weights=True,
                                                        average_attn_weights=False, attn_mask=kwargs.get("attn_mask"))
             found.append(weights.detach())
-        else:  # a HuggingFace attention module: eager attention returns the weights
+        else:
             found.append(output[1].detach())
 
-    kinds = (nn.MultiheadAttention,) if family == "open_clip" else ()
-    modules = [m for name, m in model.named_modules()
-               if isinstance(m, kinds) or name.endswith("self_attn") or name.endswith("head.attention")]
-    vision = [m for name, m in model.named_modules() if m in modules and ("vision" in name or "visual" in name)]
-    handles = [module.register_forward_hook(hook, with_kwargs=True) for module in vision]
-    from cliptrace.trak.clip_call import eager_attention
-
+    vision = model.model.visual if family == "open_clip" else model.model.vision_model
+    modules = [module for name, module in vision.named_modules()
+               if isinstance(module, nn.MultiheadAttention) or name.endswith("self_attn")]
+    handles = [module.register_forward_hook(hook, with_kwargs=True) for module in modules]
     try:
         with eager_attention(model), torch.no_grad():
             model.encode_image(pixels)
@@ -223,7 +226,7 @@ def test_patch_gradient_x_input_is_the_derivative_of_scaling_each_patch_embeddin
             sources = embedding.sources.detach().clone()
             sources[:, index] *= alpha
             with torch.no_grad():
-                embedded = propagation.forward(tower, embedding, sources)
+                embedded = propagation.trace(tower, dataclasses.replace(embedding, sources=sources)).embedding
             scaled.append(model.logit_scale.exp() * (embedded * sides).sum(-1))
         derivative = (scaled[0] - scaled[1]) / (2 * step)
         torch.testing.assert_close(gradient_map[:, row, column], derivative, atol=1e-6, rtol=1e-5)
@@ -271,3 +274,28 @@ def test_open_clip_towers_it_cannot_describe_are_refused_clearly():
     assert set(skipped) == {"decomposition", "chefer"}
     assert "attentional pooling" in skipped["chefer"]
     adapter.text_tower()  # the text tower is still described
+
+
+@pytest.mark.open_clip
+@pytest.mark.parametrize("text_cfg", [dict(no_causal_mask=True), dict(pool_type="eos", eos_id=49407),
+                                      dict(ls_init_value=0.5)], ids=["bidirectional-padding-mask", "eos", "layer-scale"])
+def test_open_clip_text_transformer_variants_decompose_exactly(text_cfg):
+    open_clip = pytest.importorskip("open_clip")
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from cliptrace.models.open_clip import OpenCLIPAdapter
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.model.CustomTextCLIP(
+            16, dict(layers=1, width=32, head_width=8, patch_size=8, image_size=32, ls_init_value=0.5),
+            dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **text_cfg)).double().eval()
+    model.text.use_pad_mask = model.text.attn_mask is None  # open_clip masks padding in bidirectional towers only
+    open_clip.model.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
+    adapter = OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-custom-text")
+    pixels, tokens, _ = batch(adapter)
+    with torch.no_grad():
+        text, image = text_components(adapter, **tokens), image_components(adapter, pixels)
+        psi, phi = adapter.encode_text(**tokens), adapter.encode_image(pixels)
+    assert ((text.sum(1) - psi).norm() / psi.norm()) < 1e-10
+    assert ((image.sum(1) - phi).norm() / phi.norm()) < 1e-10

@@ -108,11 +108,6 @@ def trace(tower: Tower, embedding: Embedding) -> Trace:
                  frozen.notes.get("attention_input", []))
 
 
-def forward(tower: Tower, embedding: Embedding, sources: torch.Tensor) -> torch.Tensor:
-    """The normalized embedding (B, E) with the input embeddings replaced by ``sources`` (B, S, D)."""
-    return propagate(tower, embedding, embedding.hidden(sources)[:, None], FrozenState())[:, 0]
-
-
 def components(tower: Tower, embedding: Embedding, *, chunk_size: int | None = None) -> torch.Tensor:
     """Each source's component of the normalized embedding, then the constant source's: (B, S + 1, E).
 
