@@ -201,11 +201,15 @@ def test_factored_features_equal_projected_exact_gradients(tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def siglip_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A shapes world of 40 images with 2 planted near-duplicates, and a 2-checkpoint SigLIP run on it."""
+    """A shapes world of 40 images with 2 planted near-duplicates, and a 2-checkpoint run of a small SigLIP on it
+    (started from a model directory, as ``cliptrace train --model DIR``)."""
     root = tmp_path_factory.mktemp("siglip_run")
     world = generate_shapes_world(root / "world", n_images=40, seed=5, n_duplicates=2, image_size=32)
-    train(TrainConfig(data=str(world), out=str(root / "run"), preset="siglip-tiny", image_size=32, vocab_size=300,
-                      epochs=4, batch_size=8, warmup_steps=1, lr=1e-3, save_every=2, progress=False))
+    captions = [caption for record in select_split(load_records(world), "train") for caption in record.captions]
+    tokenizer = train_tokenizer(captions, vocab_size=300, context_length=32)
+    tiny_siglip(tokenizer, image_size=32, text_max_position_embeddings=32).save(root / "init")
+    train(TrainConfig(data=str(world), out=str(root / "run"), model=str(root / "init"), epochs=4, batch_size=8,
+                      warmup_steps=1, lr=1e-3, save_every=2, eval_split=None, progress=False))
     return world, root / "run"
 
 
@@ -296,3 +300,14 @@ def test_verify_outputs_are_the_pair_logits(siglip_run: tuple[Path, Path]) -> No
             logit = float(model.logit_scale.exp() * image @ text + model.logit_bias)
             assert outputs["margin"][column] == pytest.approx(logit, rel=1e-5)
             assert outputs["logit"][column] == pytest.approx(logit, rel=1e-5)
+
+
+def test_a_siglip_preset_run_starts_from_a_new_siglip(tmp_path: Path) -> None:
+    world = generate_shapes_world(tmp_path / "world", n_images=12, seed=1, image_size=32)
+    model = initial_model(TrainConfig(data=str(world), out=str(tmp_path / "run"), preset="siglip-tiny",
+                                      image_size=32, vocab_size=300))
+    assert isinstance(model, SigLIPAdapter) and model.objective is SIGMOID
+    assert model.context_length == SigLIPAdapter.preset_context_length("siglip-tiny") == 32
+    assert model.preprocess.size == 32 and model.logit_bias.item() == -10.0
+    with pytest.raises(ValueError, match=r"unknown preset 'siglip-huge'; choose one of \(.*'siglip-tiny'"):
+        initial_model(TrainConfig(data=str(world), out=str(tmp_path / "run"), preset="siglip-huge"))
