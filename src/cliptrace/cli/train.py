@@ -36,7 +36,8 @@ def train_command(
     data_options: DataOptions,
     out: Annotated[Path, typer.Option(help="Run directory for config, logs, checkpoints and the final model.")],
     model: Annotated[Optional[Path], typer.Option(help="Start from this model directory instead of a new model.")] = None,
-    preset: Annotated[str, typer.Option(help="Size preset of a new HF CLIP model (tiny, small, base).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Size preset of a new model: HF CLIP (tiny, small, base) or SigLIP "
+                                         "(siglip-tiny, siglip-small, siglip-base).")] = "tiny",
     image_size: Annotated[Optional[int], typer.Option(help="Input resolution of a new model (default: the preset's).")] = None,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary trained on the captions of a new model.")] = 1024,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",

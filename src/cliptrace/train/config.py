@@ -30,7 +30,8 @@ class TrainConfig:
         data: Dataset path in any format :func:`cliptrace.data.load_records` reads.
         out: Run directory (config, logs, checkpoints, final model).
         model: Model directory to start from; None builds a new model from ``preset``.
-        preset: Size preset of a new HF CLIP model (see :data:`cliptrace.models.PRESETS`).
+        preset: Size preset of a new model: HF CLIP (:data:`cliptrace.models.PRESETS`) or SigLIP
+            (:data:`cliptrace.models.SIGLIP_PRESETS`).
         image_size: Input resolution of a new model; None keeps the preset's.
         vocab_size: Vocabulary size of the BPE tokenizer trained on the training captions of a new model.
         data_options: How ``data`` (and ``val_data``) is read: format, image root, CSV separator, image and caption
