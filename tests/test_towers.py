@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import SiglipConfig, SiglipModel
 
-from cliptrace.data.transforms import ImageTransform
 from cliptrace.explain import propagation
 from cliptrace.explain.base import image_logit, text_logit
 from cliptrace.explain.baselines import make_baseline
@@ -42,15 +40,8 @@ def hf_clip(hidden_act: str) -> DualEncoder:
 def siglip(hidden_act: str) -> DualEncoder:
     from cliptrace.models.siglip import SigLIPAdapter
 
-    words = tokenizer()
-    shared = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  hidden_act=hidden_act)
-    config = SiglipConfig(text_config=dict(vocab_size=len(words), max_position_embeddings=16, **shared),
-                          vision_config=dict(image_size=32, patch_size=8, **shared))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = SiglipModel(config)
-    return SigLIPAdapter(model, words, ImageTransform(32, (0.5,) * 3, (0.5,) * 3))
+    return SigLIPAdapter.from_preset("siglip-tiny", tokenizer(), seed=0, image_size=32, vision_hidden_act=hidden_act,
+                                     text_hidden_act=hidden_act, vision_num_hidden_layers=2, text_num_hidden_layers=2)
 
 
 def open_clip_model(hidden_act: str) -> DualEncoder:
