@@ -29,6 +29,7 @@ from cliptrace.explain.baselines import (
     make_baseline,
 )
 from cliptrace.models import FrozenBackboneDualEncoder, HFCLIP, train_tokenizer
+from cliptrace.models.towers import TowerUnavailable
 from cliptrace.trak.clip_call import eager_attention
 
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "two yellow triangles", "a purple cross"]
@@ -445,8 +446,15 @@ def test_pixel_methods_work_for_any_dual_encoder(batch) -> None:
     torch.testing.assert_close(Gradient().attribute_image(other, images, sides), gradient.abs().amax(1))
     torch.testing.assert_close(GradientXInput().attribute_image(other, images, sides), (images * gradient).sum(1))
     assert IntegratedGradients(n_steps=4).attribute_image(other, images, sides).shape == (2, 32, 32)
-    for name in set(BASELINES) - PIXEL_LEVEL:
-        with pytest.raises(TypeError, match="HFCLIP"):
+    # Occlusion and the random map need only a grid: without a described tower, 8×8 cells of 4×4 pixels.
+    occluded = images.clone()
+    occluded[:, :, 4:8, 8:12] = 0.0
+    drop = image_logit(other, images, sides) - image_logit(other, occluded, sides)
+    occlusion = Occlusion().attribute_image(other, images, sides)
+    assert occlusion.shape == (2, 8, 8) and RandomMap().attribute_image(other, images, sides).shape == (2, 8, 8)
+    torch.testing.assert_close(occlusion[:, 1, 2], drop.detach())
+    for name in set(BASELINES) - PIXEL_LEVEL - {"occlusion", "random"}:
+        with pytest.raises(TowerUnavailable, match="FrozenBackboneDualEncoder does not describe"):
             make_baseline(name).attribute_image(other, images, sides)
-    with pytest.raises(TypeError, match="HFCLIP"):
+    with pytest.raises(TowerUnavailable, match="does not describe its text tower"):
         Gradient().attribute_text(other, tokens["input_ids"], tokens["attention_mask"], sides)

@@ -341,14 +341,15 @@ def test_explain_writes_the_other_methods_names_the_failed_one_and_exits_1(saved
         assert reference.width == two_wide
 
 
-def test_explain_of_a_frozen_model_names_the_methods_that_need_hf_clip(saved, tmp_path) -> None:
+def test_explain_of_a_frozen_model_names_the_methods_that_need_a_described_tower(saved, tmp_path) -> None:
     out = tmp_path / "grid.png"
     code, stderr, exception = run_cli("explain", "--model", saved["frozen"], "--image", saved["image"], "--text",
                                       "a red circle", "--method", "decomposition,gradient", "--out", out)
     assert code == 1 and isinstance(exception, SystemExit), stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors == [f"error: {saved['frozen']}, method decomposition: TypeError: the exact decomposition needs a "
-                      "HuggingFace CLIP model (HFCLIP), got FrozenBackboneDualEncoder"]
+    assert errors == [f"error: {saved['frozen']}, method decomposition: TowerUnavailable: the exact decomposition: "
+                      "FrozenBackboneDualEncoder does not describe its image tower (HFCLIP, OpenCLIPAdapter and "
+                      "SigLIPAdapter do)"]
     assert out.is_file()
 
 

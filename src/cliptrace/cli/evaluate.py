@@ -127,12 +127,13 @@ def _matches_table(result: QueryResult, title: str) -> Table:
     """The top-k matches of a query as a table; true matches in green, captions only for image queries."""
     table = Table(title=Text(title))
     with_captions = not isinstance(result.query, str)
-    for column in ("rank", "similarity", "record", *(("caption",) if with_captions else ())):
-        table.add_column(column, justify="right" if column in ("rank", "similarity") else "left")
+    for column in ("rank", "similarity", "probability", "record", *(("caption",) if with_captions else ())):
+        table.add_column(column, justify="right" if column in ("rank", "similarity", "probability") else "left")
     for match in result.matches:
         caption = (Text(match.caption or ""),) if with_captions else ()
         style = "green" if match.is_true else None
-        table.add_row(str(match.rank), f"{match.similarity:.4f}", Text(match.record.id), *caption, style=style)
+        table.add_row(str(match.rank), f"{match.similarity:.4f}", f"{match.probability:.4f}", Text(match.record.id),
+                      *caption, style=style)
     return table
 
 

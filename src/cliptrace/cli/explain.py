@@ -33,6 +33,18 @@ def _names(methods: str) -> list[str]:
     return names
 
 
+def _runnable(model: object, names: list[str]) -> list[str]:
+    """The default methods the model can run; one line names those skipped and why."""
+    from cliptrace.explain.api import unavailable_methods
+
+    if names != _names(DEFAULT_METHODS):
+        return names  # methods the user chose run, and fail with an error line if they must
+    skipped = unavailable_methods(model, names)
+    if skipped:
+        typer.echo(f"skipped {', '.join(skipped)}: {next(iter(skipped.values()))}", err=True)
+    return [name for name in names if name not in skipped]
+
+
 def _report_failure(model_dir: Path, failure: MethodFailed) -> None:
     """Print one ``error:`` line naming the model directory, the failed method and its problem."""
     typer.echo(f"error: {model_dir}, method {failure.method}: {failure.problem}", err=True)
@@ -113,6 +125,7 @@ def _single(model_dir: Path, image_path: Path, text: str | None, target_class: s
     from cliptrace.models import load_model
 
     model = load_model(model_dir).eval()
+    names = _runnable(model, names)
     if not image_path.is_file():
         raise FileNotFoundError(f"{image_path}: no such image file")
     with Image.open(image_path) as opened:
@@ -156,6 +169,7 @@ def _batch(model_dir: Path, data: Path, data_options: DataOptions, split: str, l
     from cliptrace.models import load_model
 
     model = load_model(model_dir).eval()
+    names = _runnable(model, names)
     cases = load_cases(model, data, data_options=data_options, split=split or None, limit=limit, seed=seed)
     rows, failed = [], []
     for name in names:  # one method at a time, so a failing one leaves the others' rows

@@ -45,7 +45,8 @@ def train_command(
     out: Annotated[Path, typer.Option(help="Run directory for config, logs, checkpoints and the final model.")],
     model: Annotated[Optional[Path], typer.Option(help="Start from this model directory instead of a new model.")] = None,
     preset: Annotated[Optional[str], typer.Option(
-        help="Size preset of a new HF CLIP model (tiny, small, base; default tiny).")] = None,
+        help="Size preset of a new model: HF CLIP (tiny, small, base; default tiny) or SigLIP (siglip-tiny, "
+             "siglip-small, siglip-base).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input resolution of a new model (default: the preset's).")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(
         help="BPE vocabulary trained on the captions of a new model (default 1024).")] = None,

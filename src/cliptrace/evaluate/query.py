@@ -53,6 +53,8 @@ class Match:
         caption: The matched caption for an image query; ``None`` for a text query.
         similarity: Cosine similarity to the query.
         is_true: Whether the candidate belongs to the record named as the true match.
+        probability: The model's probability that the candidate matches the query, under its objective: softmax
+            over all candidates for CLIP, σ(t·similarity + b) of the pair alone for SigLIP.
     """
 
     rank: int
@@ -60,6 +62,7 @@ class Match:
     caption: str | None
     similarity: float
     is_true: bool
+    probability: float
 
 
 @dataclass(frozen=True)
@@ -70,12 +73,14 @@ class QueryResult:
         query: The query text, or the query image.
         matches: The top-k candidates, best first.
         similarities: Cosine similarity of the query to every candidate, in candidate order.
+        probabilities: The model's match probability of every candidate (see :attr:`Match.probability`).
         true_match: The best-ranked true candidate (its rank and similarity), when a true id was given.
     """
 
     query: str | Image.Image
     matches: tuple[Match, ...]
     similarities: torch.Tensor
+    probabilities: torch.Tensor
     true_match: Match | None = None
 
 
@@ -106,7 +111,7 @@ def text_query(
     """
     images = embed_images(model, records, loader, batch_size=batch_size, device=device, progress=progress)
     query = embed_texts(model, [text], device=device)[0]
-    return _ranked(text, images @ query, [(record, None) for record in records], k, true_id)
+    return _ranked(model, text, images @ query, [(record, None) for record in records], k, true_id)
 
 
 def image_query(
@@ -136,7 +141,7 @@ def image_query(
     captions = [caption for _, caption in candidates]
     texts = embed_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
     query = embed_pil_images(model, [image], device=device)[0]
-    return _ranked(image, texts @ query, candidates, k, true_id)
+    return _ranked(model, image, texts @ query, candidates, k, true_id)
 
 
 def plot_text_query(result: QueryResult, loader: ImageLoader, out_png: str | Path) -> Path:
@@ -158,7 +163,8 @@ def plot_text_query(result: QueryResult, loader: ImageLoader, out_png: str | Pat
             axes.imshow(loader.load(match.record.image))
             axes.set_xticks([])
             axes.set_yticks([])
-            label = f"#{match.rank}  {match.similarity:.3f}\n{_shorten(match.record.id, 24)}"
+            label = (f"#{match.rank}  {match.similarity:.3f}  p {match.probability:.2f}\n"
+                     f"{_shorten(match.record.id, 24)}")
             _mark(axes, label, match.is_true)
         histogram = figure.add_subplot(grid[1, :])
         _similarity_histogram(histogram, result, "images")
@@ -189,7 +195,8 @@ def plot_image_query(result: QueryResult, out_png: str | Path) -> Path:
         listing.axis("off")
         for row, match in enumerate(lines):
             mark = "✓ " if match.is_true else ""
-            text = f"#{match.rank}  {match.similarity:.3f}  {mark}{_shorten(match.caption or '', _CAPTION_CHARS)}"
+            text = (f"#{match.rank}  {match.similarity:.3f}  p {match.probability:.2f}  {mark}"
+                    f"{_shorten(match.caption or '', _CAPTION_CHARS)}")
             listing.text(
                 0.0,
                 1.0 - (row + 0.5) / max(len(lines), 5),
@@ -205,7 +212,18 @@ def plot_image_query(result: QueryResult, out_png: str | Path) -> Path:
         return _save(figure, out_png)
 
 
+def match_probabilities(model: DualEncoder, similarities: torch.Tensor) -> torch.Tensor:
+    """The model's probability that each candidate matches the query, from the query's cosine similarities (C,)
+    to all candidates, under the model's objective (softmax over the candidates, or the sigmoid of each logit)."""
+    bias = model.logit_bias
+    logits = model.logit_scale.exp().detach().cpu() * similarities
+    if bias is not None:
+        logits = logits + bias.detach().cpu()
+    return model.objective.probabilities(logits[None])[0]
+
+
 def _ranked(
+    model: DualEncoder,
     query: str | Image.Image,
     similarities: torch.Tensor,
     candidates: Sequence[tuple[Record, str | None]],
@@ -218,19 +236,22 @@ def _ranked(
     is_true = torch.tensor([record.id == true_id for record, _ in candidates], dtype=torch.bool)
     if true_id is not None and not is_true.any():
         raise ValueError(f"true id {true_id!r} is not the id of any of the {len(candidates)} candidates")
+    probabilities = match_probabilities(model, similarities)
     wrong_first = torch.argsort(is_true.int(), stable=True)
     order = wrong_first[torch.argsort(similarities[wrong_first], descending=True, stable=True)].tolist()
 
     def match(position: int) -> Match:
         index = order[position]
         record, caption = candidates[index]
-        return Match(position + 1, record, caption, float(similarities[index]), bool(is_true[index]))
+        return Match(position + 1, record, caption, float(similarities[index]), bool(is_true[index]),
+                     float(probabilities[index]))
 
     true_position = next((position for position, index in enumerate(order) if is_true[index]), None)
     return QueryResult(
         query=query,
         matches=tuple(match(position) for position in range(min(k, len(order)))),
         similarities=similarities,
+        probabilities=probabilities,
         true_match=None if true_position is None else match(true_position),
     )
 

@@ -7,20 +7,23 @@ The package itself is callable: ``cliptrace.explain(model, images, text, method=
 import sys
 import types
 
-from cliptrace.explain.api import MethodFailed, explain, make_method, method_names
+from cliptrace.explain.api import MethodFailed, explain, make_method, method_names, unavailable_methods
 from cliptrace.explain.base import AttributionMethod, Explanation, image_logit, text_logit
 from cliptrace.explain.decomposition import ExactDecomposition
+from cliptrace.explain.wrap import as_dual_encoder
 
 __all__ = [
     "AttributionMethod",
     "ExactDecomposition",
     "Explanation",
     "MethodFailed",
+    "as_dual_encoder",
     "explain",
     "image_logit",
     "make_method",
     "method_names",
     "text_logit",
+    "unavailable_methods",
 ]
 
 

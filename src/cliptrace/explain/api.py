@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
+from transformers import PreTrainedModel
 
 from cliptrace.evaluate.templates import IMAGENET_TEMPLATES
 from cliptrace.evaluate.zeroshot import class_embeddings
-from cliptrace.explain.base import AttributionMethod, Explanation, patch_grid, require_hf_clip
+from cliptrace.explain.base import AttributionMethod, Explanation, missing_tower, patch_grid
 from cliptrace.explain.classwords import ClassPrompts, class_prompts, word_components
 from cliptrace.explain.decomposition import (
     ExactDecomposition,
@@ -26,6 +28,7 @@ from cliptrace.explain.decomposition import (
     side_scores,
     text_components,
 )
+from cliptrace.explain.wrap import as_dual_encoder
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.hf_clip import HFCLIP
 
@@ -63,11 +66,21 @@ def make_method(method: str | AttributionMethod) -> AttributionMethod:
     return make_baseline(method)
 
 
+def unavailable_methods(model: DualEncoder, methods: Sequence[str | AttributionMethod]) -> dict[str, str]:
+    """The methods of ``methods`` that cannot run on ``model``, each with the reason (its image tower is missing)."""
+    reason = missing_tower(model, "image")
+    if reason is None:
+        return {}
+    chosen = [make_method(method) for method in methods]
+    return {method.name: reason for method in chosen if method.needs_image_tower}
+
+
 def explain(
-    model: DualEncoder,
+    model: DualEncoder | PreTrainedModel,
     images: Image.Image | Sequence[Image.Image] | torch.Tensor,
     text: str | Sequence[str] | None = None,
     *,
+    processor: Any = None,
     method: str | AttributionMethod = "decomposition",
     target_class: str | Sequence[str] | None = None,
     contrast: Sequence[str] | None = None,
@@ -79,9 +92,14 @@ def explain(
     """Explain why each image matches its caption (or zero-shot class).
 
     Args:
-        model: Any DualEncoder; the decomposition and the attention/patch methods need an :class:`HFCLIP`.
+        model: Any DualEncoder, or an in-memory ``transformers.CLIPModel`` or ``SiglipModel`` with ``processor``
+            (see :func:`~cliptrace.explain.wrap.as_dual_encoder`). The decomposition and the attention and
+            embedding-space methods need a model that describes its towers (HFCLIP, OpenCLIPAdapter,
+            SigLIPAdapter; see :func:`unavailable_methods`).
         images: PIL images, or preprocessed pixels (B, 3, H, W).
         text: The caption of each image (one string serves every image). Exclusive with ``target_class``.
+        processor: With a transformers model: its processor (``CLIPProcessor``, ``SiglipProcessor``), or a
+            ``(tokenizer, image_processor)`` pair.
         method: A name from :func:`method_names` or an :class:`AttributionMethod`.
         target_class: Explain the match with this zero-shot class instead (one name, or one per image).
         contrast: A prompt set whose mean embedding is subtracted from the target (captions only; for classes,
@@ -94,15 +112,18 @@ def explain(
 
     Returns:
         An :class:`Explanation`; ``text_map`` and ``tokens`` are set when the method has a text side and the
-        model is an :class:`HFCLIP`: per token for captions, per word of the prompts for classes (see
-        :mod:`cliptrace.explain.classwords`); the constants and the interaction matrix for the decomposition.
+        model describes its text tower: per token for captions, and for an :class:`HFCLIP` per word of the
+        prompts for classes (see :mod:`cliptrace.explain.classwords`); the constants and the interaction matrix
+        for the decomposition.
 
     Raises:
         ValueError: Neither or both of ``text`` and ``target_class``, counts that do not match the images, or
             ``classes`` without ``target_class``.
-        MethodFailed: The method raised while computing its maps (e.g. it needs an :class:`HFCLIP`, or torch
-            failed); the target and the arguments were fine, so other methods may still work.
+        TypeError: ``model`` is neither a DualEncoder nor a supported transformers model with its processor.
+        MethodFailed: The method raised while computing its maps (e.g. it needs a tower the model does not
+            describe, or torch failed); the target and the arguments were fine, so other methods may still work.
     """
+    model = as_dual_encoder(model, processor)
     attribution = make_method(method)
     pixels = _pixels(model, images)
     count = len(pixels)
@@ -116,7 +137,7 @@ def explain(
 
     parts, words = [], None
     try:
-        if word_maps and target_class is not None and isinstance(model, HFCLIP):  # they need HF CLIP's text tower
+        if word_maps and target_class is not None and isinstance(model, HFCLIP):  # HF CLIP's causal text tower
             words = _class_words(model, attribution, _per_image(target_class, count, "target_class"), text_side,
                                  templates, batch_size)
         width = 0 if words is None else max(len(prompts.words) for prompts, _ in words)
@@ -198,7 +219,6 @@ def _explain_batch(
     class word maps are padded with zeros to ``width`` words.
     """
     if isinstance(attribution, ExactDecomposition):
-        require_hf_clip(model, "the exact decomposition")
         with torch.no_grad():
             image = image_components(model, pixels, chunk_size=attribution.chunk_size)
             if tokens is None and words is None:  # a class target without its word map
@@ -223,7 +243,7 @@ def _explain_batch(
                 "interaction": split,
             }
     maps = {"image_map": attribution.attribute_image(model, pixels, target).detach()}
-    if tokens is not None and isinstance(model, HFCLIP):  # token-embedding maps need HF CLIP's text tower
+    if tokens is not None and missing_tower(model, "text") is None:  # token maps need the described text tower
         text_map = attribution.attribute_text(model, tokens["input_ids"], tokens["attention_mask"], image_side)
         if text_map is not None:
             maps["text_map"] = text_map.detach()

@@ -16,8 +16,10 @@ import torch
 
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.hf_clip import HFCLIP
+from cliptrace.models.towers.base import DescribesTowers, ImageTower, TextTower, TowerUnavailable
 
 ImageLevel = Literal["patch", "pixel"]
+CELLS = 8  # grid side for models without a described patch grid
 
 
 @dataclass
@@ -29,9 +31,10 @@ class Explanation:
         logit: The explained number for each pair, shape (B,), computed by the real model.
         image_map: Per-patch (B, gh, gw) or per-pixel (B, H, W) relevance; ``None`` if the method has none.
         image_level: ``"patch"`` or ``"pixel"``: what one cell of ``image_map`` covers.
-        text_map: Per-token relevance (B, L) of a caption, zero at padding; for a zero-shot class, per-word
-            relevance (B, W) over its prompts' words (:mod:`cliptrace.explain.classwords`), zero after the
-            pair's words; ``None`` when the method has no text map.
+        text_map: Per-token relevance (B, L) of a caption, zero at padding (except in the exact decomposition of
+            a tower that attends to padding, SigLIP's, where padding owns its real share); for a zero-shot class,
+            per-word relevance (B, W) over its prompts' words (:mod:`cliptrace.explain.classwords`), zero after
+            the pair's words; ``None`` when the method has no text map.
         tokens: Per pair, the caption's tokens (strings, padding left out), or the class's word labels
             (class-name words, template words, special tokens), when there is a text map.
         image_constant: The part of the logit no patch owns (class and position embeddings, biases), shape (B,):
@@ -66,16 +69,65 @@ def text_logit(
     return model.logit_scale.exp() * (model.encode_text(input_ids, attention_mask) * image_side).sum(-1)
 
 
+def image_tower(model: DualEncoder, needs: str) -> ImageTower:
+    """The model's described image tower (:mod:`cliptrace.models.towers`).
+
+    Raises:
+        TowerUnavailable: The model does not describe it; the message starts with ``needs``, then says why.
+    """
+    return _tower(model, needs, "image")
+
+
+def text_tower(model: DualEncoder, needs: str) -> TextTower:
+    """The model's described text tower; :class:`TowerUnavailable` as in :func:`image_tower`."""
+    return _tower(model, needs, "text")
+
+
+def missing_tower(model: DualEncoder, side: Literal["image", "text"]) -> str | None:
+    """Why ``model`` does not describe its ``side`` tower (see :mod:`cliptrace.models.towers`), or ``None``."""
+    try:
+        _describe(model, side)
+    except TowerUnavailable as error:
+        return str(error)
+    return None
+
+
+def _tower(model: DualEncoder, needs: str, side: Literal["image", "text"]) -> ImageTower | TextTower:
+    """The described tower; :class:`TowerUnavailable` prefixed with what ``needs`` it."""
+    try:
+        return _describe(model, side)
+    except TowerUnavailable as error:
+        raise TowerUnavailable(f"{needs}: {error}") from None
+
+
+def _describe(model: DualEncoder, side: Literal["image", "text"]) -> ImageTower | TextTower:
+    name = type(model).__name__
+    if not isinstance(model, DescribesTowers):
+        raise TowerUnavailable(f"{name} does not describe its {side} tower (HFCLIP, OpenCLIPAdapter and "
+                               f"SigLIPAdapter do)")
+    try:
+        return model.image_tower() if side == "image" else model.text_tower()
+    except TowerUnavailable as error:
+        raise TowerUnavailable(f"{name} cannot describe its {side} tower: {error}") from None
+
+
 def patch_grid(model: DualEncoder, pixel_values: torch.Tensor) -> tuple[int, int]:
     """The (rows, columns) of the ViT patch grid of images shaped like ``pixel_values``.
 
+    A model that does not describe its image tower gets a grid of :data:`CELLS` × :data:`CELLS` equal cells, the
+    unit of occlusion, random maps and patch-level perturbation curves.
+
     Raises:
-        TypeError: The model has no ViT patch grid (only :class:`HFCLIP` is supported).
+        ValueError: Such a model's images do not split into that grid.
     """
-    clip = require_hf_clip(model, "a patch grid")
-    patch = clip.model.vision_model.embeddings.patch_size
-    height, width = pixel_values.shape[-2:]
-    return height // patch, width // patch
+    try:
+        return image_tower(model, "a patch grid").grid(pixel_values)
+    except TowerUnavailable:
+        height, width = pixel_values.shape[-2:]
+        if height % CELLS or width % CELLS:
+            raise ValueError(f"{type(model).__name__} has no described patch grid and {height}×{width} images do "
+                             f"not split into {CELLS}×{CELLS} equal cells") from None
+        return CELLS, CELLS
 
 
 def to_pixels(image_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -117,11 +169,13 @@ class AttributionMethod(abc.ABC):
     """One input-attribution algorithm (one class per algorithm, as in captum).
 
     Subclasses set ``name`` and ``image_level`` and implement :meth:`attribute_image`; those with a text-side
-    map also override :meth:`attribute_text`.
+    map also override :meth:`attribute_text`. ``needs_image_tower`` says whether the image map reads the
+    described image tower (:mod:`cliptrace.models.towers`); text maps always read the text tower.
     """
 
     name: str
     image_level: ImageLevel
+    needs_image_tower: bool = False
 
     @abc.abstractmethod
     def attribute_image(

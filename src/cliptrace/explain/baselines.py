@@ -3,141 +3,115 @@ Grad-CAM and a random control, one class per algorithm as in captum.
 
 Every method explains :func:`~cliptrace.explain.base.image_logit` (image maps) or
 :func:`~cliptrace.explain.base.text_logit` (text maps), row by row: row b is explained w.r.t. its own text side
-(or image side). Methods that look inside the towers need an :class:`~cliptrace.models.HFCLIP`; they hook its
-modules for one call only and leave parameters, ``requires_grad`` flags and the attention implementation as
-they were. Token maps are zero at padding.
+(or image side). Pixel-space methods work on any DualEncoder; occlusion and the random map need only a patch grid
+(:func:`~cliptrace.explain.base.patch_grid`). Methods that look inside a tower (embedding gradients, attention,
+Grad-CAM, token maps) run on its description (:mod:`cliptrace.models.towers`) through
+:func:`cliptrace.explain.propagation.trace`, the tower's forward pass with its attention probabilities exposed;
+they change no parameter, ``requires_grad`` flag or attention implementation. Token maps are zero at padding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, Literal
 
 from captum.attr import FeatureAblation, InputXGradient, LayerIntegratedGradients, Saliency
 from captum.attr import IntegratedGradients as CaptumIntegratedGradients
 import torch
-from torch import nn
 
-from cliptrace.explain.base import AttributionMethod, ImageLevel, image_logit, patch_grid, require_hf_clip, text_logit
+from cliptrace.explain.base import (
+    AttributionMethod,
+    ImageLevel,
+    image_logit,
+    image_tower,
+    patch_grid,
+    text_logit,
+    text_tower,
+)
+from cliptrace.explain.propagation import Trace, trace
 from cliptrace.models.base import DualEncoder
-from cliptrace.models.hf_clip import HFCLIP
-from cliptrace.trak.clip_call import eager_attention
+from cliptrace.models.towers.base import Embedding, TextTower, TokenPool, Tower
 
 Modality = Literal["image", "text"]
 Inputs = tuple[torch.Tensor, ...]  # (pixel_values,) or (input_ids, attention_mask)
 
 
-@contextmanager
-def _forward_hooks(hooks: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
-    """Register forward hooks for the block and remove them afterwards, also on error."""
-    handles = [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+def _tower(model: DualEncoder, modality: Modality, needs: str) -> Tower:
+    """The described image or text tower."""
+    return image_tower(model, needs) if modality == "image" else text_tower(model, needs)
 
 
-def _recorder(store: list[torch.Tensor], index: int | None = None, leaf: bool = False) -> Callable[..., Any]:
-    """A forward hook appending the module's output (its ``index``-th item if given) to ``store``.
+def _traced_logit(
+    model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor, needs: str
+) -> tuple[Embedding, Trace, torch.Tensor]:
+    """The tower's embedding of ``inputs``, its traced forward pass and the logit with ``side`` per row."""
+    tower = _tower(model, modality, needs)
+    embedding = tower.embed(*inputs)
+    traced = trace(tower, embedding)
+    logit = model.logit_scale.exp() * (traced.embedding * side.to(traced.embedding.dtype)).sum(-1)
+    return embedding, traced, logit
 
-    With ``leaf`` the output is replaced by a detached copy that requires grad, so gradients w.r.t. it exist
-    (and everything downstream is differentiable) whatever the parameters' ``requires_grad`` flags.
+
+def _source_map(values: torch.Tensor, modality: Modality, inputs: Inputs, model: DualEncoder) -> torch.Tensor:
+    """Per-source values (B, S) as a map: the patch grid (B, gh, gw), or tokens (B, L) zero at padding."""
+    if modality == "image":
+        return values.reshape(-1, *patch_grid(model, inputs[0]))
+    return values * inputs[1]
+
+
+def _pooled_row(matrix: torch.Tensor, embedding: Embedding, pool_matrix: torch.Tensor | None) -> torch.Tensor:
+    """The pooled position's row of (B, N, N) position-to-position scores, at the sources: (B, S).
+
+    With an attention-pool head the row is the head's (B, 1, N) scores times the matrix.
     """
-
-    def hook(module: nn.Module, args: tuple, output: Any) -> torch.Tensor | None:
-        value = output if index is None else output[index]
-        if leaf:
-            value = value.detach().requires_grad_(True)
-        store.append(value)
-        return value if leaf else None
-
-    return hook
+    if isinstance(embedding.pool, TokenPool):
+        row = matrix[torch.arange(matrix.shape[0], device=matrix.device), embedding.pool.positions]
+    else:
+        row = (pool_matrix @ matrix)[:, 0]
+    return row[:, embedding.positions]
 
 
-def _input_embedding(clip: HFCLIP, modality: Modality) -> nn.Module:
-    """The patch-embedding convolution or the token-embedding table."""
-    if modality == "image":
-        return clip.model.vision_model.embeddings.patch_embedding
-    return clip.model.text_model.embeddings.token_embedding
-
-
-def _layers(clip: HFCLIP, modality: Modality) -> nn.ModuleList:
-    """The encoder blocks of one tower."""
-    tower = clip.model.vision_model if modality == "image" else clip.model.text_model
-    return tower.encoder.layers
-
-
-def _logit(clip: HFCLIP, modality: Modality, inputs: Inputs, side: torch.Tensor) -> torch.Tensor:
-    """``image_logit(clip, *inputs, side)`` or ``text_logit(clip, *inputs, side)``."""
-    return image_logit(clip, *inputs, side) if modality == "image" else text_logit(clip, *inputs, side)
-
-
-def _pooled_positions(clip: HFCLIP, input_ids: torch.Tensor) -> torch.Tensor:
-    """The token position the text tower pools at, per row (as HF CLIP does: first EOS, or the highest id)."""
-    eos = clip.model.text_model.eos_token_id
-    if eos == 2:
-        return input_ids.argmax(-1)
-    return (input_ids == eos).int().argmax(-1)
-
-
-def _pooled_row(matrix: torch.Tensor, clip: HFCLIP, modality: Modality, inputs: Inputs) -> torch.Tensor:
-    """The pooled token's row of (B, N, N) token-to-token scores as a map: (B, gh, gw) over patches or (B, L)."""
-    if modality == "image":
-        rows, columns = patch_grid(clip, inputs[0])
-        return matrix[:, 0, 1:].reshape(-1, rows, columns)
-    input_ids, attention_mask = inputs
-    positions = _pooled_positions(clip, input_ids)
-    return matrix[torch.arange(matrix.shape[0]), positions] * attention_mask
-
-
-def _special_mask(clip: HFCLIP, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _content_mask(tower: TextTower, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """True at tokens that may be attributed: not padding and not a special token (BOS, EOS, pad)."""
-    specials = torch.tensor(clip.tokenizer.all_special_ids, device=input_ids.device)
+    specials = torch.tensor(sorted(tower.special_ids), device=input_ids.device, dtype=input_ids.dtype)
     return attention_mask.bool() & ~torch.isin(input_ids, specials)
 
 
-def _embedding_gradient(
-    model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The input embeddings and the logit's gradient w.r.t. them.
-
-    Image: the patch-embedding conv output (B, D, gh, gw); text: the token embeddings (B, L, D), before
-    position embeddings are added.
-    """
-    clip = require_hf_clip(model, "an embedding-space map")
-    store: list[torch.Tensor] = []
-    with _forward_hooks({_input_embedding(clip, modality): _recorder(store, leaf=True)}), torch.enable_grad():
-        logit = _logit(clip, modality, inputs, side)
-        (gradient,) = torch.autograd.grad(logit.sum(), store)
-    return store[0].detach(), gradient
+def _moves_pool(tower: TextTower, replaced: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether replacing ``input_ids`` by ``replaced`` changes the position a token-pooling tower pools at."""
+    pool, original = tower.embed(replaced, mask).pool, tower.embed(input_ids, mask).pool
+    return isinstance(pool, TokenPool) and not torch.equal(pool.positions, original.positions)
 
 
 def _embedding_map(
     model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor, times_input: bool
 ) -> torch.Tensor:
-    """Per patch (B, gh, gw) or token (B, L): ‖∂f/∂e‖₂, or Σ_d e·∂f/∂e with ``times_input``."""
-    embeddings, gradient = _embedding_gradient(model, modality, inputs, side)
-    dim = 1 if modality == "image" else -1
-    relevance = (embeddings * gradient).sum(dim) if times_input else gradient.norm(dim=dim)
-    return relevance if modality == "image" else relevance * inputs[1]
+    """Per patch (B, gh, gw) or token (B, L) of the input embeddings e: ‖∂f/∂e‖₂, or Σ_d e·∂f/∂e with
+    ``times_input`` (class and position embeddings excluded)."""
+    with torch.enable_grad():
+        _, traced, logit = _traced_logit(model, modality, inputs, side, "an embedding-space map")
+        (gradient,) = torch.autograd.grad(logit.sum(), traced.sources)
+    relevance = (traced.sources.detach() * gradient).sum(-1) if times_input else gradient.norm(dim=-1)
+    return _source_map(relevance, modality, inputs, model)
 
 
 def _attentions(
     model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor, gradients: bool
-) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...] | None]:
-    """Every layer's attention probabilities (B, heads, N, N) under eager attention, and with ``gradients``
-    the logit's gradient w.r.t. each of them."""
-    clip = require_hf_clip(model, "an attention map")
-    attentions: list[torch.Tensor] = []
-    embeddings: list[torch.Tensor] = []
-    hooks = {layer.self_attn: _recorder(attentions, index=1) for layer in _layers(clip, modality)}
-    hooks[_input_embedding(clip, modality)] = _recorder(embeddings, leaf=True)
-    with eager_attention(clip), _forward_hooks(hooks), torch.set_grad_enabled(gradients):
-        logit = _logit(clip, modality, inputs, side)
-        grads = torch.autograd.grad(logit.sum(), attentions) if gradients else None
-    return [attention.detach() for attention in attentions], grads
+) -> tuple[Embedding, list[torch.Tensor], list[torch.Tensor] | None]:
+    """Every attention's probabilities (B, heads, N, N) and, with ``gradients``, the logit's gradient w.r.t.
+    each; an attention-pool head's (B, heads, 1, N) come last."""
+    with torch.set_grad_enabled(gradients):
+        embedding, traced, logit = _traced_logit(model, modality, inputs, side, "an attention map")
+        attentions = traced.attentions + ([] if traced.pool_attention is None else [traced.pool_attention])
+        grads = list(torch.autograd.grad(logit.sum(), attentions)) if gradients else None
+    return embedding, [attention.detach() for attention in attentions], grads
+
+
+def _split_pool(embedding: Embedding, matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Per-block (B, N, N) matrices and the attention-pool head's (B, 1, N), if the tower has one."""
+    if isinstance(embedding.pool, TokenPool):
+        return matrices, None
+    return matrices[:-1], matrices[-1]
 
 
 def _gradient_forward(model: DualEncoder) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -153,7 +127,7 @@ def _text_forward(model: DualEncoder) -> Callable[[torch.Tensor, torch.Tensor, t
 class Gradient(AttributionMethod):
     """Vanilla gradient saliency (Simonyan, Vedaldi & Zisserman 2014): ``max_c |∂f/∂x_c|`` per pixel.
 
-    Works for any DualEncoder. The token map (HFCLIP) is ``‖∂f/∂e‖₂`` of each token embedding e.
+    Works for any DualEncoder. The token map (described text towers) is ``‖∂f/∂e‖₂`` of each token embedding e.
     """
 
     name = "gradient"
@@ -175,7 +149,8 @@ class Gradient(AttributionMethod):
 class GradientXInput(AttributionMethod):
     """Gradient × input (Shrikumar et al. 2016): ``Σ_c x_c ∂f/∂x_c`` per pixel, in normalized pixel space.
 
-    Works for any DualEncoder. The token map (HFCLIP) is ``Σ_d e_d ∂f/∂e_d`` of each token embedding e.
+    Works for any DualEncoder. The token map (described text towers) is ``Σ_d e_d ∂f/∂e_d`` of each token
+    embedding e.
     """
 
     name = "gradient_x_input"
@@ -196,13 +171,14 @@ class GradientXInput(AttributionMethod):
 
 class PatchGradient(AttributionMethod):
     """Saliency in embedding space: ``‖∂f/∂e‖₂`` of each patch embedding e (the patch-embedding conv output),
-    i.e. how fast the logit moves when the patch's embedding is perturbed. HFCLIP only.
+    i.e. how fast the logit moves when the patch's embedding is perturbed. Needs a described image tower.
 
     The token map is the same norm on token embeddings.
     """
 
     name = "patch_gradient"
     image_level: ImageLevel = "patch"
+    needs_image_tower = True
     times_input = False
 
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
@@ -218,7 +194,8 @@ class PatchGradient(AttributionMethod):
 
 class PatchGradientXInput(PatchGradient):
     """Gradient × input in embedding space: ``Σ_d e_d ∂f/∂e_d`` per patch embedding e (the patch-embedding conv
-    output; class and position embeddings excluded). HFCLIP only. The token map is the same on token embeddings.
+    output; class and position embeddings excluded). Needs a described image tower. The token map is the same on
+    token embeddings.
     """
 
     name = "patch_gradient_x_input"
@@ -229,7 +206,8 @@ class IntegratedGradients(AttributionMethod):
     """Integrated gradients (Sundararajan, Taly & Yan 2017) with captum, per pixel summed over colour channels.
 
     The image baseline is ``baseline`` in normalized pixel space (0: the dataset mean colour); the maps sum to
-    about ``f(x) − f(baseline)``. Works for any DualEncoder. The token map (HFCLIP) integrates along the token
+    about ``f(x) − f(baseline)``. Works for any DualEncoder. The token map (described text towers) integrates
+    along the token
     embeddings from a baseline where every non-special, non-padding token is the pad token (BOS, EOS and padding
     stay, so they get exactly 0), summed over the embedding dimension.
 
@@ -263,11 +241,9 @@ class IntegratedGradients(AttributionMethod):
         self, model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
     ) -> torch.Tensor:
         """IG on token embeddings summed over the embedding dimension, (B, L)."""
-        clip = require_hf_clip(model, "a token map")
-        baseline_ids = torch.where(
-            _special_mask(clip, input_ids, attention_mask), clip.tokenizer.pad_token_id, input_ids
-        )
-        method = LayerIntegratedGradients(_text_forward(clip), _input_embedding(clip, "text"))
+        tower = text_tower(model, "a token map")
+        baseline_ids = torch.where(_content_mask(tower, input_ids, attention_mask), tower.neutral_id, input_ids)
+        method = LayerIntegratedGradients(_text_forward(model), tower.token_embedding)
         attributions = method.attribute(
             input_ids,
             baselines=baseline_ids,
@@ -280,10 +256,11 @@ class IntegratedGradients(AttributionMethod):
 
 class Occlusion(AttributionMethod):
     """Patch occlusion (Zeiler & Fergus 2014) with captum's FeatureAblation: ``f(x) − f(x with the patch set to
-    baseline)`` per ViT patch, the default baseline 0 in normalized space being the dataset mean colour. HFCLIP.
+    baseline)`` per ViT patch (per cell of :func:`~cliptrace.explain.base.patch_grid` for models without a
+    described image tower), the default baseline 0 in normalized space being the dataset mean colour.
 
-    The token map replaces one non-special, non-padding token at a time by ``token_id`` (the pad token by
-    default) and records the drop; BOS, EOS and padding get 0.
+    The token map (described text towers) replaces one non-special, non-padding token at a time by ``token_id``
+    (the tower's neutral token, its pad token, by default) and records the drop; BOS, EOS and padding get 0.
 
     Args:
         baseline: Value an occluded patch takes, in normalized pixel space.
@@ -302,9 +279,9 @@ class Occlusion(AttributionMethod):
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
         """Logit drop per occluded patch, (B, gh, gw)."""
         rows, columns = patch_grid(model, pixel_values)
-        patch = pixel_values.shape[-1] // columns
+        height, width = pixel_values.shape[-2] // rows, pixel_values.shape[-1] // columns
         cells = torch.arange(rows * columns, device=pixel_values.device).reshape(rows, columns)
-        feature_mask = cells.repeat_interleave(patch, 0).repeat_interleave(patch, 1)[None, None]
+        feature_mask = cells.repeat_interleave(height, 0).repeat_interleave(width, 1)[None, None]
         attributions = FeatureAblation(_gradient_forward(model)).attribute(
             pixel_values,
             baselines=self.baseline,
@@ -312,7 +289,7 @@ class Occlusion(AttributionMethod):
             feature_mask=feature_mask,
             perturbations_per_eval=self.perturbations_per_eval,
         )
-        return attributions[:, 0, ::patch, ::patch]
+        return attributions[:, 0, ::height, ::width]
 
     def attribute_text(
         self, model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
@@ -322,12 +299,12 @@ class Occlusion(AttributionMethod):
         Raises:
             ValueError: The neutral token would move the position the text tower pools at (e.g. it is the EOS).
         """
-        clip = require_hf_clip(model, "a token map")
-        token_id = clip.tokenizer.pad_token_id if self.token_id is None else self.token_id
-        baseline_ids = torch.where(_special_mask(clip, input_ids, attention_mask), token_id, input_ids)
-        if not torch.equal(_pooled_positions(clip, baseline_ids), _pooled_positions(clip, input_ids)):
+        tower = text_tower(model, "a token map")
+        token_id = tower.neutral_id if self.token_id is None else self.token_id
+        baseline_ids = torch.where(_content_mask(tower, input_ids, attention_mask), token_id, input_ids)
+        if _moves_pool(tower, baseline_ids, input_ids, attention_mask):
             raise ValueError(f"token id {token_id} moves the text tower's pooling position; pass another token_id")
-        attributions = FeatureAblation(_text_forward(clip)).attribute(
+        attributions = FeatureAblation(_text_forward(model)).attribute(
             input_ids,
             baselines=baseline_ids,
             additional_forward_args=(attention_mask, image_side),
@@ -339,13 +316,15 @@ class Occlusion(AttributionMethod):
 
 class AttentionRollout(AttributionMethod):
     """Attention rollout (Abnar & Zuidema 2020): per layer the head-mean attention plus identity, row-normalized,
-    multiplied across layers; the CLS row over patches (image) or the pooled EOS row over tokens (text).
+    multiplied across layers; the pooled token's row (CLS, EOS or last token) over patches or tokens. With an
+    attention-pool head (SigLIP) the row is the head's head-mean attention times the rollout.
 
-    Does not depend on the text side (or image side): it reads attention only. HFCLIP; runs under eager attention.
+    Does not depend on the text side (or image side): it reads attention only. Needs a described tower.
     """
 
     name = "attention_rollout"
     image_level: ImageLevel = "patch"
+    needs_image_tower = True
 
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
         """Rolled-out attention of CLS to each patch, (B, gh, gw)."""
@@ -359,13 +338,14 @@ class AttentionRollout(AttributionMethod):
 
     @staticmethod
     def _map(model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor) -> torch.Tensor:
-        attentions, _ = _attentions(model, modality, inputs, side, gradients=False)
+        embedding, attentions, _ = _attentions(model, modality, inputs, side, gradients=False)
+        blocks, pool = _split_pool(embedding, [attention.mean(1) for attention in attentions])
         rollout = None
-        for attention in attentions:
-            mixed = attention.mean(1) + torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
+        for attention in blocks:
+            mixed = attention + torch.eye(attention.shape[-1], dtype=attention.dtype, device=attention.device)
             mixed = mixed / mixed.sum(-1, keepdim=True)
             rollout = mixed if rollout is None else mixed @ rollout
-        return _pooled_row(rollout, require_hf_clip(model, "an attention map"), modality, inputs)
+        return _source_map(_pooled_row(rollout, embedding, pool), modality, inputs, model)
 
 
 class CheferRelevance(AttributionMethod):
@@ -373,9 +353,10 @@ class CheferRelevance(AttributionMethod):
     interpreting bi-modal and encoder-decoder transformers"), self-attention rule.
 
     ``R = I``; per layer ``Ā = E_h[(∇A ⊙ A)⁺]`` with ∇A the logit's gradient w.r.t. the attention
-    probabilities, ``R ← R + Ā R``; the CLS row over patches (image) or the pooled EOS row over tokens (text;
-    causal and padding masks hold since masked probabilities are 0). ``layers="last"`` reads the last layer's Ā
-    alone. HFCLIP; runs under eager attention.
+    probabilities, ``R ← R + Ā R``; the pooled token's row (CLS, EOS or last token) over patches or tokens (causal
+    and padding masks hold since masked probabilities are 0). With an attention-pool head (SigLIP) the row is the
+    head's ``Ā`` (1 × N) times R. ``layers="last"`` reads the last attention's Ā alone (the head's, if any).
+    Needs a described tower.
 
     Args:
         layers: ``"all"`` (the full rule) or ``"last"``.
@@ -383,6 +364,7 @@ class CheferRelevance(AttributionMethod):
 
     name = "chefer"
     image_level: ImageLevel = "patch"
+    needs_image_tower = True
 
     def __init__(self, layers: Literal["all", "last"] = "all") -> None:
         if layers not in ("all", "last"):
@@ -401,47 +383,54 @@ class CheferRelevance(AttributionMethod):
         return self._map(model, "text", (input_ids, attention_mask), image_side)
 
     def _map(self, model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor) -> torch.Tensor:
-        attentions, gradients = _attentions(model, modality, inputs, side, gradients=True)
+        embedding, attentions, gradients = _attentions(model, modality, inputs, side, gradients=True)
         weighted = [(gradient * attention).clamp(min=0).mean(1) for attention, gradient in zip(attentions, gradients)]
-        if self.layers == "last":
-            relevance = weighted[-1]
+        blocks, pool = _split_pool(embedding, weighted)
+        if self.layers == "last" and pool is not None:
+            row = pool[:, 0, embedding.positions]
         else:
-            relevance = torch.eye(weighted[0].shape[-1], dtype=weighted[0].dtype, device=weighted[0].device)
-            for layer in weighted:
-                relevance = relevance + layer @ relevance
-        return _pooled_row(relevance, require_hf_clip(model, "an attention map"), modality, inputs)
+            if self.layers == "last":
+                relevance = blocks[-1]
+            else:
+                relevance = torch.eye(blocks[0].shape[-1], dtype=blocks[0].dtype, device=blocks[0].device)
+                for layer in blocks:
+                    relevance = relevance + layer @ relevance
+            row = _pooled_row(relevance, embedding, pool)
+        return _source_map(row, modality, inputs, model)
 
 
 class CheferRelevanceLast(CheferRelevance):
-    """:class:`CheferRelevance` of the last layer only: ``E_h[(∇A ⊙ A)⁺]`` of the last block, CLS/EOS row."""
+    """:class:`CheferRelevance` of the last attention only: ``E_h[(∇A ⊙ A)⁺]``, the pooled row."""
 
     def __init__(self, layers: Literal["all", "last"] = "last") -> None:
         super().__init__(layers)
 
 
 class GradCAM(AttributionMethod):
-    """Grad-CAM (Selvaraju et al. 2017) adapted to ViTs: activations A (B, N, D) are the last encoder block's
-    ``layer_norm1`` output at the patch tokens, ``w = mean_n ∂f/∂A_n``, map ``ReLU(Σ_d w_d A_{n,d})``. HFCLIP.
+    """Grad-CAM (Selvaraju et al. 2017) adapted to ViTs: activations A (B, N, D) are the last block's ``norm1``
+    output at the patch tokens, ``w = mean_n ∂f/∂A_n``, map ``ReLU(Σ_d w_d A_{n,d})``. Needs a described tower.
 
-    The last block's *output* is not used: only its CLS (or EOS) state reaches the embedding, so its gradient is
-    zero at every other token. The token map is the same on the text tower, averaged over non-padding tokens.
+    The last block's *output* is not used: with token pooling only its CLS (or EOS) state reaches the embedding,
+    so its gradient is zero at every other token. The token map is the same on the text tower, averaged over
+    non-padding tokens.
     """
 
     name = "gradcam"
     image_level: ImageLevel = "patch"
+    needs_image_tower = True
 
     def attribute_image(self, model: DualEncoder, pixel_values: torch.Tensor, text_side: torch.Tensor) -> torch.Tensor:
         """Grad-CAM per patch, (B, gh, gw)."""
-        activations, gradients = self._activations(model, "image", (pixel_values,), text_side)
-        weights = gradients[:, 1:].mean(1, keepdim=True)
-        relevance = (weights * activations[:, 1:]).sum(-1).clamp(min=0)
-        return relevance.reshape(-1, *patch_grid(model, pixel_values))
+        positions, activations, gradients = self._activations(model, "image", (pixel_values,), text_side)
+        activations, gradients = activations[:, positions], gradients[:, positions]
+        relevance = (gradients.mean(1, keepdim=True) * activations).sum(-1).clamp(min=0)
+        return _source_map(relevance, "image", (pixel_values,), model)
 
     def attribute_text(
         self, model: DualEncoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_side: torch.Tensor
     ) -> torch.Tensor:
         """Grad-CAM per token, (B, L)."""
-        activations, gradients = self._activations(model, "text", (input_ids, attention_mask), image_side)
+        _, activations, gradients = self._activations(model, "text", (input_ids, attention_mask), image_side)
         mask = attention_mask.to(gradients.dtype)[..., None]
         weights = (gradients * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True)
         return (weights * activations).sum(-1).clamp(min=0) * attention_mask
@@ -449,22 +438,17 @@ class GradCAM(AttributionMethod):
     @staticmethod
     def _activations(
         model: DualEncoder, modality: Modality, inputs: Inputs, side: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        clip = require_hf_clip(model, "Grad-CAM")
-        activations: list[torch.Tensor] = []
-        embeddings: list[torch.Tensor] = []
-        hooks = {
-            _input_embedding(clip, modality): _recorder(embeddings, leaf=True),
-            _layers(clip, modality)[-1].layer_norm1: _recorder(activations),
-        }
-        with _forward_hooks(hooks), torch.enable_grad():
-            logit = _logit(clip, modality, inputs, side)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sources' positions, the last block's attention input (B, N, D) and the logit's gradient there."""
+        with torch.enable_grad():
+            embedding, traced, logit = _traced_logit(model, modality, inputs, side, "Grad-CAM")
+            activations = traced.attention_inputs[-1]
             (gradient,) = torch.autograd.grad(logit.sum(), activations)
-        return activations[0].detach(), gradient
+        return embedding.positions, activations.detach()[:, 0], gradient[:, 0]
 
 
 class RandomMap(AttributionMethod):
-    """Uniform random relevance in [0, 1), the control baseline for faithfulness metrics; HFCLIP (patch grid).
+    """Uniform random relevance in [0, 1) over the patch grid, the control baseline for faithfulness metrics.
 
     Each call draws from a fresh generator seeded with ``seed``, so equal inputs give equal maps. Token maps
     are zero at padding.

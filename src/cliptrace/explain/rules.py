@@ -73,14 +73,17 @@ def attention_values(components: torch.Tensor, probabilities: torch.Tensor) -> t
     """Mix value components with frozen attention probabilities, head by head.
 
     Args:
-        components: Value components (B, S, N, H·dh) (already through the value projection).
-        probabilities: Attention probabilities (B, H, N, N) from the full hidden state.
+        components: Value components (B, S, M, H·dh) (already through the value projection) at M key positions.
+        probabilities: Attention probabilities (B, H, N, M) of N queries, from the full hidden state.
+
+    Returns:
+        (B, S, N, H·dh): each source's share of the attention output at every query.
     """
     batch, sources, positions, width = components.shape
     heads = probabilities.shape[1]
     values = components.reshape(batch, sources, positions, heads, width // heads)
     mixed = torch.einsum("bhnm,bsmhe->bsnhe", probabilities.to(components.dtype), values)
-    return mixed.reshape(batch, sources, positions, width)
+    return mixed.reshape(batch, sources, probabilities.shape[2], width)
 
 
 def scale_by_norm(components: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from cliptrace.data.transforms import ImageTransform
+from cliptrace.objectives import SOFTMAX, Objective
 
 LOGIT_SCALE_MAX = 4.605170185988092  # ln(100), the clamp open_clip applies after every step
 
@@ -19,7 +20,8 @@ class DualEncoder(nn.Module, abc.ABC):
 
     Subclasses set ``self.preprocess`` (PIL image -> tensor) and implement the abstract methods.
     The similarity logit of image ``i`` and text ``t`` is ``exp(logit_scale) * <φ_i, ψ_t>`` with
-    normalized embeddings φ, ψ.
+    normalized embeddings φ, ψ, plus ``logit_bias`` for models that have one. The model's :attr:`objective`
+    (softmax InfoNCE unless a subclass says otherwise) defines its loss, probabilities and per-pair output.
     """
 
     preprocess: ImageTransform
@@ -43,19 +45,32 @@ class DualEncoder(nn.Module, abc.ABC):
     def logit_scale(self) -> nn.Parameter:
         """The log of the inverse temperature (a scalar parameter); the logit multiplier is its exp."""
 
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The learned logit bias (a scalar parameter) of objectives that have one; None here."""
+        return None
+
+    @property
+    def objective(self) -> Objective:
+        """The objective the model trains with (see :mod:`cliptrace.objectives`); softmax InfoNCE here."""
+        return SOFTMAX
+
     @abc.abstractmethod
     def save(self, directory: str | Path) -> None:
         """Write a self-describing model directory that :func:`cliptrace.models.load_model` reads offline."""
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return normalized image features, normalized text features and the logit multiplier exp(scale)."""
-        return (
+    ) -> tuple[torch.Tensor, ...]:
+        """Return normalized image features, normalized text features and the logit multiplier exp(scale), then the
+        logit bias for models that have one: the arguments of ``self.objective.loss``."""
+        outputs = (
             self.encode_image(pixel_values),
             self.encode_text(input_ids, attention_mask),
             self.logit_scale.exp(),
         )
+        bias = self.logit_bias
+        return outputs if bias is None else (*outputs, bias)
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

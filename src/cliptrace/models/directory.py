@@ -2,12 +2,12 @@
 
 A model directory holds ``cliptrace_model.json``::
 
-    {"format_version": 1, "adapter": "hf_clip" | "frozen_dual_encoder" | "open_clip",
+    {"format_version": 1, "adapter": "hf_clip" | "siglip" | "frozen_dual_encoder" | "open_clip",
      "preprocess": {"size": ..., "mean": [...], "std": [...]}, "context_length": ..., ...adapter fields}
 
-beside the adapter's weights (``model.safetensors``), configs and tokenizer files. A plain HuggingFace CLIP
-directory (``config.json`` of model type ``clip``, weights, tokenizer, optionally ``preprocessor_config.json``)
-loads too.
+beside the adapter's weights (``model.safetensors``), configs and tokenizer files. A plain HuggingFace CLIP or SigLIP
+directory (``config.json`` of model type ``clip`` or ``siglip``, weights, tokenizer, optionally
+``preprocessor_config.json``) loads too.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from cliptrace.notices import CliptraceWarning
 
 MANIFEST_NAME = "cliptrace_model.json"
 FORMAT_VERSION = 1
-ADAPTERS = ("hf_clip", "frozen_dual_encoder", "open_clip")
+ADAPTERS = ("hf_clip", "siglip", "frozen_dual_encoder", "open_clip")
 ADAPTER_FIELDS = {"frozen_dual_encoder": {"projection_dim": int}, "open_clip": {"model_name": str}}
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+HF_MODEL_TYPES = {"clip": "hf_clip", "siglip": "siglip"}
+"""The adapter that loads a plain HuggingFace directory, by its ``config.json`` model type."""
 
 
 def write_manifest(
@@ -93,11 +95,11 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 def load_model(directory: str | Path, **kwargs: Any) -> DualEncoder:
-    """Load a model directory written by any adapter's ``save``, or a plain HuggingFace CLIP directory.
+    """Load a model directory written by any adapter's ``save``, or a plain HuggingFace CLIP or SigLIP directory.
 
     Args:
         directory: The model directory.
-        **kwargs: Passed to the adapter's loader (e.g. ``attn_implementation="eager"`` for HF CLIP).
+        **kwargs: Passed to the adapter's loader (e.g. ``attn_implementation="eager"`` for HF CLIP and SigLIP).
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
@@ -107,20 +109,38 @@ def load_model(directory: str | Path, **kwargs: Any) -> DualEncoder:
     from cliptrace.models.frozen import FrozenBackboneDualEncoder
     from cliptrace.models.hf_clip import HFCLIP
     from cliptrace.models.open_clip import OpenCLIPAdapter
+    from cliptrace.models.siglip import SigLIPAdapter
 
+    loaders = {
+        "hf_clip": HFCLIP.from_pretrained,
+        "siglip": SigLIPAdapter.from_pretrained,
+        "frozen_dual_encoder": FrozenBackboneDualEncoder.load,
+        "open_clip": OpenCLIPAdapter.load,
+    }
     manifest = read_manifest(directory)
     if manifest is None:
         if not (Path(directory) / "config.json").is_file():
             raise ValueError(
                 f"{directory}: not a model directory (neither {MANIFEST_NAME} nor a HuggingFace config.json)"
             )
-        return HFCLIP.from_pretrained(directory, **kwargs)
-    loaders = {
-        "hf_clip": HFCLIP.from_pretrained,
-        "frozen_dual_encoder": FrozenBackboneDualEncoder.load,
-        "open_clip": OpenCLIPAdapter.load,
-    }
+        adapter = HF_MODEL_TYPES.get(_model_type(Path(directory)), "hf_clip")  # hf_clip names a wrong type
+        return loaders[adapter](directory, **kwargs)
     return loaders[manifest["adapter"]](directory, **kwargs)
+
+
+def adapter_class(adapter: str) -> type[DualEncoder]:
+    """The DualEncoder class of a new model built by ``adapter`` from a preset (``from_preset``).
+
+    Raises:
+        ValueError: ``adapter`` builds no models from presets.
+    """
+    from cliptrace.models.hf_clip import HFCLIP
+    from cliptrace.models.siglip import SigLIPAdapter
+
+    classes: dict[str, type[DualEncoder]] = {"hf_clip": HFCLIP, "siglip": SigLIPAdapter}
+    if adapter not in classes:
+        raise ValueError(f"adapter {adapter!r} builds no model from a preset; these do: {sorted(classes)}")
+    return classes[adapter]
 
 
 def model_directory_of(path: str | Path) -> Path:
@@ -154,18 +174,28 @@ def read_preprocessor_config(directory: str | Path) -> ImageTransform | None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON (line {error.lineno}): {error.msg}") from None
-    resize = _side(data.get("size"), path, "size")
-    crop = _side(data.get("crop_size"), path, "crop_size") if data.get("do_center_crop", True) else None
+    return transform_from_config(data, path)
+
+
+def transform_from_config(data: dict[str, Any], source: str | Path) -> ImageTransform:
+    """The preprocessing a HuggingFace image processor config (``preprocessor_config.json``, or an image
+    processor's ``to_dict()``) declares, as :func:`read_preprocessor_config` reads it; ``source`` names it in errors.
+
+    Raises:
+        ValueError: The config has no usable size, or a mean or std without 3 values.
+    """
+    resize = _side(data.get("size"), source, "size")
+    crop = _side(data.get("crop_size"), source, "crop_size") if data.get("do_center_crop", True) else None
     size = crop or resize
     if size is None:
-        raise ValueError(f"{path}: neither key 'crop_size' nor key 'size' gives an image size")
+        raise ValueError(f"{source}: neither key 'crop_size' nor key 'size' gives an image size")
     if crop and resize and crop != resize:
-        warnings.warn(f"{path}: resize {resize} then crop {crop} is approximated by resizing to {crop}",
-                      CliptraceWarning, stacklevel=2)
+        warnings.warn(f"{source}: resize {resize} then crop {crop} is approximated by resizing to {crop}",
+                      CliptraceWarning, stacklevel=3)
     mean = tuple(float(v) for v in data.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(v) for v in data.get("image_std", OPENAI_CLIP_STD))
     if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"{path}: keys 'image_mean' and 'image_std' must hold 3 values each")
+        raise ValueError(f"{source}: keys 'image_mean' and 'image_std' must hold 3 values each")
     return ImageTransform(size=size, mean=mean, std=std)
 
 
@@ -189,12 +219,22 @@ def write_preprocessor_config(directory: str | Path, preprocess: ImageTransform)
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _model_type(directory: Path) -> str | None:
+    """The ``model_type`` a HuggingFace ``config.json`` declares; None when it cannot be read (the adapter's
+    loader then reports the problem)."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
+
+
 def _is_int(value: Any) -> bool:
     """Whether a JSON value is an integer (``true``/``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _side(value: Any, path: Path, key: str) -> int | None:
+def _side(value: Any, path: str | Path, key: str) -> int | None:
     """A side length from an int or a ``{"shortest_edge"}``/``{"height", "width"}`` size entry."""
     if value is None:
         return None

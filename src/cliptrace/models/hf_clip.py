@@ -20,6 +20,7 @@ from cliptrace.models.directory import (
 )
 from cliptrace.models.presets import build_config
 from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.towers.hf_clip import CLIPImageTower, CLIPTextTower
 from cliptrace.models.weights import safetensors_files, tensor_shapes
 
 
@@ -135,6 +136,14 @@ class HFCLIP(DualEncoder):
     def logit_scale(self) -> nn.Parameter:
         """The CLIPModel's log inverse temperature."""
         return self.model.logit_scale
+
+    def image_tower(self) -> CLIPImageTower:
+        """The vision tower described for the exact decomposition and the attention methods."""
+        return CLIPImageTower(self.model)
+
+    def text_tower(self) -> CLIPTextTower:
+        """The text tower described for the exact decomposition and the attention methods."""
+        return CLIPTextTower(self.model, self.tokenizer)
 
     def save(self, directory: str | Path) -> None:
         """Write config, ``model.safetensors``, tokenizer, ``preprocessor_config.json`` and the manifest."""

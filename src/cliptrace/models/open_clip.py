@@ -19,6 +19,7 @@ from torch import nn
 from cliptrace.data.transforms import ImageTransform
 from cliptrace.models.base import DualEncoder
 from cliptrace.models.directory import MANIFEST_NAME, read_manifest, require_directory, write_manifest
+from cliptrace.models.towers.base import ImageTower, TextTower
 from cliptrace.models.weights import WEIGHTS_NAME, safetensors_files, tensor_shapes
 
 
@@ -121,6 +122,27 @@ class OpenCLIPAdapter(DualEncoder):
     def logit_scale(self) -> nn.Parameter:
         """The model's log inverse temperature."""
         return self.model.logit_scale
+
+    def image_tower(self) -> ImageTower:
+        """The vision tower described for the exact decomposition and the attention methods.
+
+        Raises:
+            TowerUnavailable: It is not a class-token ViT of plain blocks (see
+                :mod:`cliptrace.models.towers.open_clip`).
+        """
+        from cliptrace.models.towers.open_clip import OpenCLIPImageTower
+
+        return OpenCLIPImageTower(self.model)
+
+    def text_tower(self) -> TextTower:
+        """The text tower described for the exact decomposition and the attention methods.
+
+        Raises:
+            TowerUnavailable: It is not a transformer of plain blocks pooled at one token.
+        """
+        from cliptrace.models.towers.open_clip import OpenCLIPTextTower
+
+        return OpenCLIPTextTower(self.model, self.tokenizer)
 
     def save(self, directory: str | Path) -> None:
         """Write ``model.safetensors`` and the manifest (naming the open_clip architecture)."""

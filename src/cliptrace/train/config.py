@@ -33,7 +33,8 @@ class TrainConfig:
         out: Run directory (config, logs, checkpoints, final model).
         model: Model directory to start from; None builds a new model from ``preset``, or from ``image_backbone`` and
             ``text_backbone`` when given.
-        preset: Size preset of a new HF CLIP model (see :data:`cliptrace.models.PRESETS`).
+        preset: Size preset of a new model: HF CLIP (:data:`cliptrace.models.PRESETS`) or SigLIP
+            (:data:`cliptrace.models.SIGLIP_PRESETS`).
         image_size: Input resolution of a new model; None keeps the preset's.
         image_backbone: A local HuggingFace image model directory (with its ``preprocessor_config.json``): with
             ``text_backbone``, the run trains a :class:`~cliptrace.models.FrozenBackboneDualEncoder` of the two

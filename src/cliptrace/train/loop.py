@@ -26,8 +26,10 @@ from cliptrace.data.stream import ShardIndex, ShardStream, check_shard_split
 from cliptrace.data.record import Record
 from cliptrace.evaluate import evaluate
 from cliptrace.files import atomic_directory, write_text_atomic
-from cliptrace.models import HFCLIP, FrozenBackboneDualEncoder, load_model, train_tokenizer
+from cliptrace.models import FrozenBackboneDualEncoder, load_model, train_tokenizer
 from cliptrace.models.base import DualEncoder
+from cliptrace.models.directory import adapter_class
+from cliptrace.models.presets import preset_adapter
 from cliptrace.train.checkpoint import (
     checkpoint_dir,
     list_checkpoints,
@@ -36,7 +38,6 @@ from cliptrace.train.checkpoint import (
     save_checkpoint,
 )
 from cliptrace.train.config import TrainConfig
-from cliptrace.train.loss import contrastive_loss
 from cliptrace.train.metrics_log import MetricsLog
 from cliptrace.train.optim import build_optimizer
 from cliptrace.train.run_dir import CONFIG, RunWarning, check_run_dir, locked_run_dir
@@ -68,17 +69,18 @@ class TrainResult:
 
 
 def _new_model(config: TrainConfig, captions: Callable[[], list[str]]) -> DualEncoder:
-    """A model to start from: the given model directory, a dual encoder of the given backbones, or a new HF CLIP
-    with a tokenizer trained on the training captions (``captions()``, called only then)."""
+    """A model to start from: the given model directory, a dual encoder of the given backbones, or a new model of the
+    preset (HF CLIP or SigLIP) with a tokenizer trained on the training captions (``captions()``, called only then)."""
     if config.model is not None:
         return load_model(config.model)
     if config.image_backbone is not None:
         return FrozenBackboneDualEncoder.from_pretrained(config.image_backbone, config.text_backbone,
                                                          lock_image=config.lock_image, lock_text=config.lock_text)
+    model_class = adapter_class(preset_adapter(config.preset))
     captions = captions()
-    preset_context = HFCLIP.preset_context_length(config.preset)
+    preset_context = model_class.preset_context_length(config.preset)
     tokenizer = train_tokenizer(captions, vocab_size=config.vocab_size, context_length=preset_context)
-    return HFCLIP.from_preset(config.preset, tokenizer, image_size=config.image_size)
+    return model_class.from_preset(config.preset, tokenizer, image_size=config.image_size)
 
 
 def _keep_ids(records: list[Record], path: Path, split: str) -> list[Record]:
@@ -325,6 +327,8 @@ def _train(fabric: Fabric, config: TrainConfig, resume: bool, started: float) ->
                 step += 1
                 row = {"step": step, "epoch": epoch + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
                        "logit_scale": model.logit_scale.exp().item()}
+                if model.logit_bias is not None:
+                    row["logit_bias"] = model.logit_bias.item()
                 if grad_norm is not None:
                     row["grad_norm"] = grad_norm
                 if log is not None:
@@ -385,9 +389,10 @@ def _check_finite(run_dir: Path, what: str, value: float, step: int, epoch: int,
 
 
 def backward_step(fabric: Fabric, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Embed a batch, take the contrastive loss against the global batch and run its backward pass.
+    """Embed a batch, take the model objective's loss against the global batch and run its backward pass.
 
-    Under DDP each process passes its share of the global batch; the gradients DDP averages across processes are
+    The loss is ``model.objective.loss`` of what the model's forward returns (features, logit multiplier and, for
+    models with one, the logit bias), so it comes through the forward pass DDP wraps. Under DDP each process passes its share of the global batch; the gradients DDP averages across processes are
     then those of the loss of the whole global batch in one process. The loss is computed in at least float32.
 
     Args:
@@ -398,9 +403,9 @@ def backward_step(fabric: Fabric, model: nn.Module, batch: dict[str, torch.Tenso
     Returns:
         The loss of this process's rows (a scalar tensor).
     """
-    image_features, text_features, scale = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    dtype = torch.promote_types(image_features.dtype, torch.float32)
-    loss = contrastive_loss(image_features.to(dtype), text_features.to(dtype), scale.to(dtype))
+    outputs = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    dtype = torch.promote_types(outputs[0].dtype, torch.float32)
+    loss = model.objective.loss(*(output.to(dtype) for output in outputs))
     fabric.backward(loss)
     return loss
 

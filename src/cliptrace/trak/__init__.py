@@ -9,7 +9,14 @@ Entry points: the ``traker``-compatible :class:`TRAKer` and the one-call :func:`
 
 from cliptrace.trak.factored import FactoredFeaturizer, make_featurizer
 from cliptrace.trak.features import ExactFeaturizer, Featurizer
-from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
+from cliptrace.trak.outputs import (
+    ClipMargin,
+    EmbeddingBank,
+    ImageClassificationMargin,
+    ModelOutput,
+    SigmoidPairLogit,
+    output_for_objective,
+)
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
 from cliptrace.trak.scoring import EnsembleScorer, Kernel, TopK, solve_kernel
 from cliptrace.trak.settings import AttributionSettings
@@ -32,9 +39,11 @@ __all__ = [
     "Kernel",
     "ModelOutput",
     "Projector",
+    "SigmoidPairLogit",
     "StoreMismatchError",
     "TRAKer",
     "TopK",
     "make_featurizer",
+    "output_for_objective",
     "solve_kernel",
 ]

@@ -37,7 +37,7 @@ from cliptrace.train.checkpoint import list_checkpoints
 from cliptrace.train.config import run_data_options
 from cliptrace.trak.factored import make_featurizer
 from cliptrace.trak.features import Featurizer
-from cliptrace.trak.outputs import ClipMargin
+from cliptrace.trak.outputs import output_for_objective
 from cliptrace.trak.scoring import TopK
 from cliptrace.trak.settings import AttributionSettings, default_store_root
 from cliptrace.trak.store import FeatureStore, NonFiniteFeaturesError, StoreDamagedError, StoreMismatchError
@@ -289,7 +289,7 @@ def load_checkpoint_featurizer(
     model = model.to(settings.device).eval()
     if settings.torch_dtype == torch.float64:
         model = model.double()
-    output = ClipMargin(bank_size=settings.bank_size, seed=settings.seed)
+    output = output_for_objective(model.objective, bank_size=settings.bank_size, seed=settings.seed)
     batches = RecordBatches(model, train, loader, settings.batch_size)
 
     def bank_batches(indices: torch.Tensor) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]]:
@@ -298,7 +298,8 @@ def load_checkpoint_featurizer(
             tokens = {key: value.to(settings.device) for key, value in tokens.items()}
             yield images.to(settings.device, settings.torch_dtype), tokens, torch.as_tensor(chunk)[owner]
 
-    output.set_bank_source(len(train), bank_batches)
+    if model.objective.uses_bank:
+        output.set_bank_source(len(train), bank_batches)
     featurizer = make_featurizer(settings.features, model, output, proj_dim=settings.proj_dim,
                                  projection=settings.projection, seed=settings.seed, parameters=settings.parameters,
                                  layer_dim=settings.layer_dim, other_parameters=settings.other_parameters)

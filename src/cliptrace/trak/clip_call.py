@@ -1,10 +1,13 @@
-"""Call any supported CLIP-style module functionally: (images, texts) -> (image embeddings, text embeddings, scale).
+"""Call any supported CLIP-style module functionally: (images, texts) -> (image embeddings, text embeddings, scale[,
+bias]).
 
 Three module shapes are understood, so the same model-output functions serve them all:
 
 * a cliptrace :class:`~cliptrace.models.DualEncoder` (texts: ``input_ids`` or ``{"input_ids", "attention_mask"}``);
-* a HuggingFace ``CLIPModel`` (same texts; its ``forward`` returns normalized ``image_embeds``/``text_embeds``);
-* an open_clip-style module whose ``forward(image, text)`` returns ``(image features, text features, scale)``.
+* a HuggingFace ``CLIPModel`` or ``SiglipModel`` (same texts; its ``forward`` returns normalized
+  ``image_embeds``/``text_embeds``);
+* an open_clip-style module whose ``forward(image, text)`` returns ``(image features, text features, scale)``, and
+  the logit bias after them for a sigmoid-loss model.
 
 Embeddings are L2-normalized; the scale is the logit multiplier ``exp(logit_scale)``.
 """
@@ -40,35 +43,52 @@ def _is_hf_clip(module: nn.Module) -> bool:
     )
 
 
-def clip_embed(
+def clip_logit_inputs(
     module: nn.Module, params: Mapping[str, torch.Tensor], images: torch.Tensor, texts: Texts
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalized image and text embeddings and the logit multiplier, with ``params`` substituted into ``module``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Normalized image and text embeddings, the logit multiplier and the logit bias (None for a model without
+    one), with ``params`` substituted into ``module``.
 
     Args:
-        module: A DualEncoder, a HuggingFace ``CLIPModel`` or an open_clip-style module.
+        module: A DualEncoder, a HuggingFace ``CLIPModel``/``SiglipModel`` or an open_clip-style module.
         params: Parameter tensors by name that replace the module's own (the rest stay as they are).
         images: Preprocessed images (B, 3, H, W).
         texts: Token ids (B, L) or a mapping with ``input_ids`` and optionally ``attention_mask``.
 
     Returns:
-        ``(image_embeddings (B, D), text_embeddings (B, D), scale ())``.
+        ``(image_embeddings (B, D), text_embeddings (B, D), scale, bias or None)``.
     """
     input_ids, attention_mask = split_texts(texts)
     if isinstance(module, DualEncoder):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return functional_call(module, dict(params), (images, input_ids, attention_mask), strict=False)
+        image, text, scale, *bias = functional_call(module, dict(params), (images, input_ids, attention_mask),
+                                                    strict=False)
+        return image, text, scale, bias[0] if bias else None
     if _is_hf_clip(module):
         kwargs: dict[str, Any] = {"input_ids": input_ids, "pixel_values": images}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         output = functional_call(module, dict(params), (), kwargs, strict=False)
-        scale_name = "logit_scale"
-        scale = params[scale_name] if scale_name in params else module.logit_scale
-        return output.image_embeds, output.text_embeds, scale.exp().reshape(())
-    image_features, text_features, scale = functional_call(module, dict(params), (images, input_ids), strict=False)
-    return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), scale.reshape(())
+        scale = params["logit_scale"] if "logit_scale" in params else module.logit_scale
+        bias = params["logit_bias"] if "logit_bias" in params else getattr(module, "logit_bias", None)
+        return (output.image_embeds, output.text_embeds, scale.exp().reshape(()),
+                None if bias is None else bias.reshape(()))
+    image_features, text_features, scale, *bias = functional_call(module, dict(params), (images, input_ids),
+                                                                  strict=False)
+    return (F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), scale.reshape(()),
+            bias[0].reshape(()) if bias else None)
+
+
+def clip_embed(
+    module: nn.Module, params: Mapping[str, torch.Tensor], images: torch.Tensor, texts: Texts
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalized image and text embeddings and the logit multiplier (see :func:`clip_logit_inputs`).
+
+    Returns:
+        ``(image_embeddings (B, D), text_embeddings (B, D), scale)``.
+    """
+    return clip_logit_inputs(module, params, images, texts)[:3]
 
 
 @contextmanager

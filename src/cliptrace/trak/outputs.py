@@ -7,7 +7,8 @@ A model-output function is a small object with two methods:
 * :meth:`ModelOutput.batch_outputs` (optional) — f and Q for a whole batch in one forward pass with the module's own
   parameters, as the factored feature path (:mod:`~cliptrace.trak.factored`) needs.
 
-To add your own, subclass :class:`ModelOutput`. Every example carries ``index``: its position in the training
+A model's training objective picks its output (:func:`output_for_objective`): the CLIP margin against a negative
+bank for softmax InfoNCE, the pair's logit for SigLIP's sigmoid loss. To add your own, subclass :class:`ModelOutput`. Every example carries ``index``: its position in the training
 set, or −1 for an example that is not a training example (a target).
 """
 
@@ -22,8 +23,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from cliptrace.objectives import SIGMOID, SOFTMAX, Objective
 from cliptrace.trak.batches import concat_batches, map_batch, take_rows
-from cliptrace.trak.clip_call import Texts, clip_embed
+from cliptrace.trak.clip_call import Texts, clip_embed, clip_logit_inputs
 from cliptrace.trak.gradients import parameter_fingerprint
 
 Params = Mapping[str, torch.Tensor]
@@ -107,30 +109,6 @@ def compute_bank(
     if not images:
         raise ValueError("the negative bank is empty: no training pairs were given")
     return EmbeddingBank(torch.cat(images), torch.cat(texts), torch.cat(indices).long())
-
-
-def clip_margins(
-    image_embeddings: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    bank_images: torch.Tensor,
-    bank_texts: torch.Tensor,
-    tau: torch.Tensor | float,
-    excluded: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two halves of the CLIP margin of pairs (B, D) against a bank (K, D) of normalized embeddings.
-
-    Returns ``(τφ·ψ − logsumexp_k τφ·ψ_k, τφ·ψ − logsumexp_k τφ_k·ψ)``, each (B,); ``excluded`` (B, K) leaves
-    bank entries out of a row (a pair that is itself in the bank).
-    """
-    bank_images = bank_images.to(image_embeddings.dtype)
-    bank_texts = bank_texts.to(image_embeddings.dtype)
-    positive = tau * (image_embeddings * text_embeddings).sum(-1)
-    to_texts = tau * image_embeddings @ bank_texts.T
-    to_images = tau * text_embeddings @ bank_images.T
-    if excluded is not None:
-        to_texts = to_texts.masked_fill(excluded, float("-inf"))
-        to_images = to_images.masked_fill(excluded, float("-inf"))
-    return positive - torch.logsumexp(to_texts, -1), positive - torch.logsumexp(to_images, -1)
 
 
 class ClipMargin(ModelOutput):
@@ -250,33 +228,90 @@ class ClipMargin(ModelOutput):
         self.set_bank_source(seen, batches_for, torch.tensor([index for index, _, _ in slots]))
         self.prepare(model)
 
-    def _margins(
+    def _outputs(
         self, module: nn.Module, params: Params, images: torch.Tensor, texts: Texts, indices: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, Q)`` of a batch of pairs (see :meth:`SoftmaxObjective.pair_output`)."""
         if self.bank is None:
             raise RuntimeError("ClipMargin has no negative bank: call get_embeddings()/set_bank_source() first")
         image_embeddings, text_embeddings, scale = clip_embed(module, params, images, texts)
         tau = scale if self.temperature is None else torch.as_tensor(self.temperature, dtype=image_embeddings.dtype)
         bank = self.bank.to(image_embeddings.device)
         excluded = indices.reshape(-1, 1) == bank.indices.reshape(1, -1)
-        return clip_margins(image_embeddings, text_embeddings, bank.image_embeddings, bank.text_embeddings, tau,
-                            excluded)
+        return SOFTMAX.pair_output(image_embeddings, text_embeddings, tau,
+                                   bank=(bank.image_embeddings, bank.text_embeddings), excluded=excluded)
 
     def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
         images, texts = example
         batched = map_batch(lambda t: t[None], texts)
-        image_margin, text_margin = self._margins(module, params, images[None], batched, index.reshape(1))
-        return (image_margin + text_margin).sum()
+        return self._outputs(module, params, images[None], batched, index.reshape(1))[0].sum()
 
     def batch_outputs(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images, texts = batch
-        image_margin, text_margin = self._margins(module, dict(module.named_parameters()), images, texts, indices)
-        weight = 1 - (torch.sigmoid(image_margin) + torch.sigmoid(text_margin)) / 2
-        return image_margin + text_margin, weight.detach()
+        return self._outputs(module, dict(module.named_parameters()), images, texts, indices)
 
     @torch.no_grad()
     def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
         return self.batch_outputs(module, batch, indices)[1]
+
+
+# --- SigLIP ---------------------------------------------------------------------------------------------------
+
+
+class SigmoidPairLogit(ModelOutput):
+    r"""The pair's own logit under the sigmoid (SigLIP) objective; it needs no negative bank.
+
+    For a pair i with normalized embeddings φ_i, ψ_i, multiplier t = exp(logit_scale) and logit bias b::
+
+        f_i = t φ_i·ψ_i + b = log(p_i / (1 − p_i)),  p_i = σ(f_i)          Q_i = 1 − σ(f_i)
+
+    The pair's term of the sigmoid loss is ℓ_i = −log σ(f_i), so Q_i = −∂ℓ_i/∂f_i: f is the log-odds of the correct
+    answer to "do image i and text i match?", TRAK's model output for a binary decision, and Q the probability the
+    model still gives to the wrong answer (see :class:`~cliptrace.objectives.SigmoidObjective`). f depends on pair
+    i alone, so features do not depend on the batch size or order.
+
+    The module must have a logit bias: a SigLIP DualEncoder, an HF ``SiglipModel``, or an open_clip-style module
+    whose forward returns the bias after the scale.
+    """
+
+    name = "sigmoid_pair_logit"
+
+    def _outputs(self, module: nn.Module, params: Params, images: torch.Tensor, texts: Texts
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, Q)`` of a batch of pairs."""
+        image_embeddings, text_embeddings, scale, bias = clip_logit_inputs(module, params, images, texts)
+        if bias is None:
+            raise ValueError(f"{type(module).__name__} has no logit bias: the sigmoid pair logit is SigLIP's output; "
+                             "use ClipMargin for a softmax (CLIP) model")
+        return SIGMOID.pair_output(image_embeddings, text_embeddings, scale, bias)
+
+    def output(self, module: nn.Module, params: Params, example: Any, index: torch.Tensor) -> torch.Tensor:
+        images, texts = example
+        return self._outputs(module, params, images[None], map_batch(lambda t: t[None], texts))[0].sum()
+
+    def batch_outputs(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, texts = batch
+        return self._outputs(module, dict(module.named_parameters()), images, texts)
+
+    @torch.no_grad()
+    def loss_weight(self, module: nn.Module, batch: Any, indices: torch.Tensor) -> torch.Tensor:
+        return self.batch_outputs(module, batch, indices)[1]
+
+
+def output_for_objective(objective: Objective, bank_size: int = 1024, seed: int = 0) -> ModelOutput:
+    """The TRAK model-output function of a training objective: :class:`ClipMargin` for ``softmax`` (with a
+    ``bank_size``-pair bank drawn with ``seed``), :class:`SigmoidPairLogit` for ``sigmoid``.
+
+    Raises:
+        ValueError: The objective has no registered model output.
+    """
+    outputs: dict[str, Callable[[], ModelOutput]] = {
+        SOFTMAX.name: lambda: ClipMargin(bank_size=bank_size, seed=seed),
+        SIGMOID.name: SigmoidPairLogit,
+    }
+    if objective.name not in outputs:
+        raise ValueError(f"objective {objective.name!r} has no TRAK model output; known: {sorted(outputs)}")
+    return outputs[objective.name]()
 
 
 # --- classification -----------------------------------------------------------------------------------------
@@ -326,10 +361,11 @@ def classification_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def output_for_task(task: str | ModelOutput) -> ModelOutput:
-    """A model-output function from a ``traker`` task name (``"clip"``, ``"image_classification"``) or an instance."""
+    """A model-output function from a ``traker`` task name (``"clip"``, ``"siglip"``, ``"image_classification"``) or
+    an instance."""
     if isinstance(task, ModelOutput):
         return task
-    known = {"clip": ClipMargin, "image_classification": ImageClassificationMargin}
+    known = {"clip": ClipMargin, "siglip": SigmoidPairLogit, "image_classification": ImageClassificationMargin}
     if task not in known:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(known)} or a ModelOutput instance")
     return known[task]()

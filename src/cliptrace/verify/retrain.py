@@ -6,8 +6,9 @@ A *verification directory* holds everything, so a run is cached and resumable:
 * ``init/``: the model every retraining starts from, built exactly as the run built its own (same seed and
   tokenizer), so retraining on the whole training set reproduces the run;
 * ``jobs/NAME/``: a retraining in progress (deleted when its outputs are saved, unless models are kept);
-* ``outputs/NAME.npz``: what a finished job measured on every target: ``margin`` (the CLIP margin of
-  DESIGN §4 against the fixed held-out bank) and ``logit`` (τ⟨φ, ψ⟩ of the target pair). Written atomically;
+* ``outputs/NAME.npz``: what a finished job measured on every target: ``margin`` (the per-pair output of the
+  model's objective: the CLIP margin of DESIGN §4 against the fixed held-out bank, or SigLIP's pair logit) and
+  ``logit`` (τ⟨φ, ψ⟩ of the target pair, plus the logit bias of a SigLIP model). Written atomically;
   a job whose outputs exist is never run again.
 
 Training is deterministic for a given seed, so a job gives the same outputs whenever it runs, in any process.
@@ -38,7 +39,6 @@ from cliptrace.files import write_json_atomic
 from cliptrace.models import load_model
 from cliptrace.models.base import DualEncoder
 from cliptrace.train import TrainConfig, initial_model, train
-from cliptrace.trak.outputs import clip_margins
 
 PLAN = "plan.json"
 FORMAT_VERSION = 1
@@ -236,16 +236,25 @@ def load_outputs(directory: str | Path, names: Sequence[str]) -> dict[str, np.nd
 
 @torch.no_grad()
 def target_outputs(model: DualEncoder, targets: Sequence[Record], bank: Sequence[Record]) -> dict[str, np.ndarray]:
-    """Each target pair's CLIP margin against the fixed bank and its similarity logit (first captions)."""
+    """Each target pair's output under the model's objective and its logit (first captions).
+
+    ``margin`` is the objective's per-pair output (:meth:`~cliptrace.objectives.Objective.pair_output`): the CLIP
+    margin against the fixed bank for a softmax model, the pair logit τ⟨φ, ψ⟩ + b for a sigmoid (SigLIP) model,
+    which uses no bank. ``logit`` is τ⟨φ, ψ⟩ plus the model's logit bias where it has one.
+    """
     model = model.eval()
+    objective = model.objective
     loader = ImageLoader()
-    image, bank_image = embed_images(model, targets, loader), embed_images(model, bank, loader)
+    image = embed_images(model, targets, loader)
     text = embed_texts(model, [record.captions[0] for record in targets])
-    bank_text = embed_texts(model, [record.captions[0] for record in bank])
+    negatives = None
+    if objective.uses_bank:
+        negatives = (embed_images(model, bank, loader), embed_texts(model, [record.captions[0] for record in bank]))
     tau = float(model.logit_scale.exp())
-    image_margin, text_margin = clip_margins(image, text, bank_image, bank_text, tau)
-    logit = tau * (image * text).sum(-1)
-    return {"margin": (image_margin + text_margin).double().numpy(), "logit": logit.double().numpy()}
+    bias = None if model.logit_bias is None else float(model.logit_bias)
+    margin, _ = objective.pair_output(image, text, tau, bias, bank=negatives)
+    logit = objective.pair_logits(image, text, tau, bias)
+    return {"margin": margin.double().numpy(), "logit": logit.double().numpy()}
 
 
 def _run_job(directory: Path, job: Job) -> None:
