@@ -4,7 +4,8 @@ Three module shapes are understood, so the same model-output functions serve the
 
 * a cliptrace :class:`~cliptrace.models.DualEncoder` (texts: ``input_ids`` or ``{"input_ids", "attention_mask"}``);
 * a HuggingFace ``CLIPModel`` (same texts; its ``forward`` returns normalized ``image_embeds``/``text_embeds``);
-* an open_clip-style module whose ``forward(image, text)`` returns ``(image features, text features, scale)``.
+* an open_clip-style module whose ``forward(image, text)`` returns ``(image features, text features, scale)``, or
+  (open_clip's ``output_dict=True``) a dict with keys ``image_features``, ``text_features``, ``logit_scale``.
 
 Embeddings are L2-normalized; the scale is the logit multiplier ``exp(logit_scale)``.
 """
@@ -67,7 +68,12 @@ def clip_embed(
         scale_name = "logit_scale"
         scale = params[scale_name] if scale_name in params else module.logit_scale
         return output.image_embeds, output.text_embeds, scale.exp().reshape(())
-    image_features, text_features, scale = functional_call(module, dict(params), (images, input_ids), strict=False)
+    output = functional_call(module, dict(params), (images, input_ids), strict=False)
+    if isinstance(output, Mapping):
+        if output.get("logit_bias") is not None:
+            raise ValueError("the model returns a logit_bias (a sigmoid-loss model): only CLIP-style models fit")
+        output = output["image_features"], output["text_features"], output["logit_scale"]
+    image_features, text_features, scale = output
     return F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), scale.reshape(())
 
 
