@@ -388,8 +388,8 @@ class FactoredFeaturizer(Featurizer):
             add(layer.name, layer.block(kept, grad, dtype).to(dtype))
 
         uses = ParameterUses(self.module, self.raw, count, dtype, lambda raw, block: add(raw.name, block.to(dtype)))
-        weights = self.hooked_backward(batch, indices, lambda layer, inputs: layer.keep(inputs, count, dtype), add_block,
-                                       _watching(uses) if self.raw else nullcontext())
+        weights = self.hooked_backward(batch, indices, lambda layer, inputs: layer.keep(inputs, count, dtype),
+                                       add_block, _watching(uses) if self.raw else nullcontext())
         without_rule = uses.without_rule()
         if without_rule:
             blocks.update(self._exact_blocks(without_rule, batch, indices, dtype))

@@ -16,9 +16,9 @@ can be carried back to P by ``torch.func.vjp``) to the op where it meets the bat
 
 Any other use of a tracked parameter together with batched tensors runs unchanged and marks the parameter, as does
 no use at all (a fused kernel may hide it): :meth:`ParameterUses.without_rule` lists them, and the featurizer takes
-their blocks from exact per-example gradients instead. A tracked parameter's block is P_r G P_cᵀ for a matrix (rows and columns
-projected to ``layer_dim`` when wider, as a layer's sides are), the raw per-example gradient otherwise. Several uses
-of one parameter add up.
+their blocks from exact per-example gradients instead. A tracked parameter's block is P_r G P_cᵀ for a matrix
+(rows and columns projected to ``layer_dim`` when wider, as a layer's sides are), the raw per-example gradient
+otherwise. Several uses of one parameter add up.
 """
 
 from __future__ import annotations
