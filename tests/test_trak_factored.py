@@ -11,11 +11,13 @@ import pytest
 import torch
 from torch import nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import BertConfig, ViTConfig
 
 from cliptrace.notices import CliptraceWarning
 from cliptrace.models import FrozenBackboneDualEncoder, HFCLIP, train_tokenizer
 from cliptrace.trak import TRAKer
+from cliptrace.trak import multihead
 from cliptrace.trak.batches import map_batch
 from cliptrace.trak.clip_call import eager_attention
 from cliptrace.trak.factored import FactoredFeaturizer, FactoredLayer, make_featurizer
@@ -454,3 +456,49 @@ def test_whitening_leaves_raw_parameters_out_with_a_warning_naming_them() -> Non
     assert featurizer.raw == [] and not set(others) & set(featurizer.parameter_names)
     assert featurizer.projector.input_dim == sum(layer.size for layer in featurizer.layers)
     assert featurizer.features(batch, indices)[0].shape == (3, 16)
+
+
+class RecomputedAttention(TorchFunctionMode):
+    """Replaces ``F.multi_head_attention_forward`` by :func:`multihead.multi_head_attention` with plain projections."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            call = multihead.bind(args, kwargs)
+            assert multihead.supports(call)
+            return multihead.multi_head_attention(F.linear, call)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recomputed_attention_returns_what_torch_returns(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    with torch.no_grad():
+        attention.in_proj_bias.normal_()
+    query, other, keys = torch.randn(3, 3, 4, 8, dtype=torch.float64).unbind(0)
+    keys = keys[:, :3]
+    if not batch_first:
+        query, other, keys = (t.transpose(0, 1) for t in (query, other, keys))
+    padding = torch.tensor([[False, False, True, False], [False] * 4, [False, True, False, True]])
+    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+    float_mask = torch.randn(2 * 3, 4, 3, dtype=torch.float64)
+    calls = [
+        ((query, query, query), {}),  # self-attention
+        ((query, query, query), {"key_padding_mask": padding, "attn_mask": causal, "average_attn_weights": False}),
+        ((query, query, query), {"attn_mask": causal.double() * -1e4, "is_causal": True, "need_weights": False}),
+        ((query, query, query), {"key_padding_mask": padding.roll(1, 1), "attn_mask": causal,
+                                 "need_weights": False}),  # a query that sees no key: zero, not NaN
+        ((query, other, other), {"key_padding_mask": padding}),  # key is value
+        ((query, keys, keys + 1), {"attn_mask": float_mask}),  # three inputs, another length
+    ]
+    for args, kwargs in calls:
+        expected = attention(*args, **kwargs)
+        with RecomputedAttention():
+            output = attention(*args, **kwargs)
+        torch.testing.assert_close(output[0], expected[0], rtol=1e-12, atol=1e-12)
+        assert not output[0].isnan().any()
+        if expected[1] is None:
+            assert output[1] is None
+        else:
+            torch.testing.assert_close(output[1], expected[1], rtol=1e-12, atol=1e-12)

@@ -55,7 +55,11 @@ def multi_head_attention(linear: Linear, call: dict[str, Any]) -> tuple[torch.Te
     q, k, v = (t.reshape(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
     scores = (q @ k.transpose(-2, -1)) / (width // heads) ** 0.5
     scores = scores + _additive_mask(call, batch, heads, length, source, scores.dtype)
-    weights = torch.softmax(scores, -1)
+    if call["need_weights"]:
+        weights = torch.softmax(scores, -1)
+    else:  # like torch's fused path, a query that may attend to no key gets a zero output (not NaN)
+        blind = torch.isneginf(scores).all(-1, keepdim=True)
+        weights = torch.softmax(scores.masked_fill(blind, 0), -1).masked_fill(blind, 0)
     if call["training"] and call["dropout_p"] > 0:
         weights = F.dropout(weights, call["dropout_p"])
     attended = (weights @ v).transpose(1, 2).reshape(batch, length, width)
