@@ -363,6 +363,19 @@ class IndexedTable(nn.Module):
         return self.head(x)
 
 
+class RawOnly(nn.Module):
+    """No supported layer at all: a projection matrix and a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(4, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(images.flatten(1) @ self.proj) + self.bias
+
+
 class NoBatchForm(ModelOutput):
     def output(self, module, params, example, index):
         return module(example[None]).sum()
@@ -379,6 +392,14 @@ def test_unsupported_uses_are_refused_or_left_to_the_policy() -> None:
     assert [layer.name for layer in attention.layers] == ["head"]
     assert [raw.name for raw in attention.raw] == ["attention.in_proj_weight", "attention.in_proj_bias",
                                                    "attention.out_proj.weight", "attention.out_proj.bias"]
+    raw_only = RawOnly().double()
+    batch = (images.double(), labels)
+    features = FactoredFeaturizer(raw_only, ImageClassificationMargin(), proj_dim=None).features(batch,
+                                                                                                 torch.arange(3))[0]
+    exact = loop_gradients(ImageClassificationMargin(), raw_only, ["proj", "bias"], batch, torch.arange(3))
+    torch.testing.assert_close(features, exact, rtol=1e-12, atol=1e-12)  # both sides narrower than layer_dim
+    with pytest.raises(ValueError, match="none of the 2 selected parameters of RawOnly is in a layer"):
+        FactoredFeaturizer(raw_only, ImageClassificationMargin(), other_parameters="exclude")
     for model, name in ((IndexedTable(), "token_table"), (IndexedTable(use=False), "unused")):
         model = model.double()
         featurizer = FactoredFeaturizer(model, ImageClassificationMargin(), proj_dim=None, layer_dim=2)

@@ -260,7 +260,8 @@ class FactoredFeaturizer(Featurizer):
         chunk_size: Examples per vectorized call of the exact path for ``other_parameters="exact"``.
 
     Raises:
-        ValueError: Unknown policy, no supported layer among the selected parameters, or leftovers with ``"error"``.
+        ValueError: Unknown policy, no supported layer among the selected parameters (unless ``"factored"``), or
+            leftovers with ``"error"``.
     """
 
     def __init__(
@@ -288,12 +289,12 @@ class FactoredFeaturizer(Featurizer):
         self.other_parameters, self.autocast, self.chunk_size = other_parameters, autocast, chunk_size
         selected = select_parameters(module, parameters)
         self.layers = find_layers(module, selected, layer_dim, projection, seed)
-        if not self.layers:
-            raise ValueError(f"none of the {len(selected)} selected parameters of {type(module).__name__} is in a "
-                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact "
-                             f"path")
         covered = {name for layer in self.layers for name in layer.parameter_names}
         self.other_names = [name for name in selected if name not in covered]
+        if not self.layers and other_parameters != "factored":
+            raise ValueError(f"none of the {len(selected)} selected parameters of {type(module).__name__} is in a "
+                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact "
+                             f"path, or other_parameters='factored'")
         if self.other_names and other_parameters == "error":
             raise ValueError(f"parameters outside supported layers: {self.other_names}; pass other_parameters="
                              f"'exclude' or 'exact', or leave them out with parameters=")
