@@ -1,10 +1,12 @@
-"""Shared data fixtures: tiny images and tar shards written by the tests themselves."""
+"""Shared data fixtures (tiny images and tar shards written by the tests themselves), and the rule that open_clip
+tests may not skip where open_clip is required."""
 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,19 @@ def write_tar() -> Callable[[Path, dict[str, bytes]], Path]:
         return path
 
     return write
+
+
+# --- the open_clip environment ----------------------------------------------------------------------------------
+# `make test` runs the tests marked open_clip a second time in .venv-openclip with CLIPTRACE_REQUIRE_OPEN_CLIP=1:
+# there a skipped open_clip test (open_clip failed to import, or anything else) is a failure, not a quiet pass.
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Report a skipped open_clip test as failed when ``CLIPTRACE_REQUIRE_OPEN_CLIP=1``."""
+    outcome = yield
+    report = outcome.get_result()
+    required = os.environ.get("CLIPTRACE_REQUIRE_OPEN_CLIP") == "1"
+    if required and report.skipped and item.get_closest_marker("open_clip"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped where open_clip is required (CLIPTRACE_REQUIRE_OPEN_CLIP=1): {report.longrepr}"

@@ -431,37 +431,10 @@ def test_adapter_loaders_refuse_another_adapters_directory(tmp_path) -> None:
         FrozenBackboneDualEncoder.load(tmp_path / "hf")
 
 
-# --- open_clip (optional) ----------------------------------------------------------------------------------
+# --- open_clip (optional; with open_clip installed: tests/test_open_clip.py) --------------------------------
 
 
 def test_open_clip_adapter_explains_how_to_install_it(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
     with pytest.raises(ImportError, match=r"pip install 'cliptrace\[open_clip\]'.*torchvision"):
         OpenCLIPAdapter.from_open_clip("ViT-B-32")
-
-
-def test_open_clip_adapter_round_trip(tmp_path) -> None:
-    open_clip = pytest.importorskip("open_clip", reason="open_clip is an optional extra: cliptrace[open_clip]")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "cliptrace-test-tiny.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "cliptrace-test-tiny.json")
-    model = OpenCLIPAdapter.from_open_clip("cliptrace-test-tiny").eval()
-    assert model.preprocess.size == 32
-    tokens = model.tokenize(CAPTIONS)
-    assert tokens["input_ids"].shape == (4, 16)
-    images = pixels(model)
-    with torch.no_grad():
-        image, text = model.encode_image(images), model.encode_text(**tokens)
-    torch.testing.assert_close(image.norm(dim=1), torch.ones(3))
-    torch.testing.assert_close(text.norm(dim=1), torch.ones(4))
-    model.save(tmp_path / "saved")
-    loaded = load_model(tmp_path / "saved").eval()
-    assert_same_weights(model, loaded)
-    assert loaded.preprocess == model.preprocess
-    with torch.no_grad():
-        assert torch.equal(loaded.encode_image(images), image)
-        assert torch.equal(loaded.encode_text(**tokens), text)

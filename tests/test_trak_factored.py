@@ -1,5 +1,6 @@
-"""The factored feature path against exact per-example gradients: every layer type, HF CLIP, the frozen-backbone
-dual encoder, the final sketch, the policy for other parameters, and the errors."""
+"""The factored feature path against exact per-example gradients: every layer type, raw parameters and
+``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``), HF CLIP, the frozen-backbone dual encoder, the
+final sketch, the policies for other parameters, and the errors. open_clip models: tests/test_open_clip_trak.py."""
 
 from __future__ import annotations
 
@@ -9,16 +10,22 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from transformers import BertConfig, ViTConfig
 
+from cliptrace.notices import CliptraceWarning
 from cliptrace.models import FrozenBackboneDualEncoder, HFCLIP, train_tokenizer
 from cliptrace.trak import TRAKer
+from cliptrace.trak import multihead
 from cliptrace.trak.batches import map_batch
 from cliptrace.trak.clip_call import eager_attention
 from cliptrace.trak.factored import FactoredFeaturizer, FactoredLayer, make_featurizer
 from cliptrace.trak.features import ExactFeaturizer
+from cliptrace.trak.kfac import fit_statistics, whitenings
 from cliptrace.trak.outputs import ClipMargin, EmbeddingBank, ImageClassificationMargin, ModelOutput
 from cliptrace.trak.projection import CountSketchProjector
+from cliptrace.trak.raw_parameters import RawParameter
 
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "two yellow triangles", "a purple cross"]
 
@@ -49,6 +56,50 @@ class LayerZoo(nn.Module):
         pooled = torch.tanh(self.hidden(self.norm(hidden))).mean(1)
         patches = self.patch(images).mean((2, 3))
         return self.head(torch.cat([pooled, patches], 1))
+
+
+class RawUses(nn.Module):
+    """Raw parameters in every use the factored path has a rule for: a class token expanded to the batch, position
+    embeddings added, an ``nn.TransformerEncoderLayer`` (packed attention in-projection, out-projection), a
+    cross-attention, a projection matrix ``x @ P``, a scalar scale through ``exp``, a sliced bias through
+    ``F.linear``."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_first = batch_first
+        self.class_token = nn.Parameter(torch.randn(4))
+        self.positions = nn.Parameter(torch.randn(5, 4))
+        self.encoder = nn.TransformerEncoderLayer(4, 2, dim_feedforward=8, dropout=0.0, batch_first=batch_first)
+        self.cross = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.query = nn.Parameter(torch.randn(2, 4))
+        self.proj = nn.Parameter(torch.randn(4, 3))
+        self.head_weight = nn.Parameter(torch.randn(3, 4))
+        self.head_bias = nn.Parameter(torch.randn(6))
+        self.log_scale = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.reshape(images.shape[0], -1, 4)
+        x = torch.cat([self.class_token.view(1, 1, -1).expand(x.shape[0], -1, -1), x], 1) + self.positions
+        mask = (x[..., 0] > 0.5) & (torch.arange(x.shape[1]) > 0)  # padded positions, never the class token
+        if self.batch_first:
+            x = self.encoder(x, src_key_padding_mask=mask)
+        else:
+            x = self.encoder(x.transpose(0, 1), src_key_padding_mask=mask).transpose(0, 1)
+        pooled = self.cross(self.query.expand(x.shape[0], -1, -1) + 0 * x[:, :2], x, x)[0].mean(1)
+        scaled = (x[:, 0] @ self.proj) * self.log_scale.exp()
+        return scaled + F.linear(pooled, self.head_weight, self.head_bias[:3])
+
+
+def raw_case(batch_first: bool) -> tuple[nn.Module, ModelOutput, tuple, list[str]]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 1, 4, 4, generator=generator, dtype=torch.float64)
+    model = RawUses(batch_first).double().eval()
+    return model, ImageClassificationMargin(), (images, torch.tensor([0, 2, 1])), [
+        "class_token", "positions", "query", "proj", "head_weight", "head_bias", "log_scale",
+        "encoder.self_attn.in_proj_weight", "encoder.self_attn.in_proj_bias", "encoder.self_attn.out_proj.weight",
+        "encoder.self_attn.out_proj.bias", "cross.in_proj_weight", "cross.in_proj_bias", "cross.out_proj.weight",
+        "cross.out_proj.bias"]
 
 
 def zoo_case() -> tuple[nn.Module, ModelOutput, tuple, list[str]]:
@@ -105,11 +156,22 @@ CASES: dict[str, Callable[[], tuple[nn.Module, ModelOutput, tuple, list[str]]]] 
     "hf_clip_quick_gelu": lambda: hf_clip_case("quick_gelu"),
     "hf_clip_gelu": lambda: hf_clip_case("gelu"),
     "frozen_backbone_dual_encoder": frozen_case,
+    "raw_parameters": lambda: raw_case(batch_first=True),
 }
 
 
-def reference_block(layer: FactoredLayer, gradient: torch.Tensor) -> torch.Tensor:
-    """P_o G P_iᵀ (linear-type layers) or the raw gradient (LayerNorm) from one example's exact gradient."""
+def reference_block(layer: FactoredLayer | RawParameter, gradient: torch.Tensor) -> torch.Tensor:
+    """P_o G P_iᵀ (linear-type layers), P_r G P_cᵀ (raw matrices) or the raw gradient (LayerNorm, other raw
+    parameters) from one example's exact gradient."""
+    if isinstance(layer, RawParameter):
+        if layer.parameter.dim() != 2:
+            return gradient
+        matrix = gradient.reshape(layer.parameter.shape)
+        if layer.row_projection is not None:
+            matrix = layer.row_projection @ matrix
+        if layer.column_projection is not None:
+            matrix = matrix @ layer.column_projection.T
+        return matrix.flatten()
     if isinstance(layer.module, nn.LayerNorm):
         return gradient
     d_out, d_in = layer.widths()
@@ -122,6 +184,25 @@ def reference_block(layer: FactoredLayer, gradient: torch.Tensor) -> torch.Tenso
     if layer.in_projection is not None:
         matrix = matrix @ layer.in_projection.T
     return matrix.flatten()
+
+
+def assert_blocks_equal_projected_gradients(featurizer: FactoredFeaturizer, features: torch.Tensor,
+                                            exact: torch.Tensor) -> dict[str, slice]:
+    """Every layer's and raw parameter's block equals :func:`reference_block` of the exact per-example gradients
+    ``exact`` (columns in ``featurizer.parameter_names`` order) to 1e-10; returns each parameter's columns."""
+    sizes = dict(featurizer.module.named_parameters())
+    columns, start = {}, 0
+    for name in featurizer.parameter_names:
+        columns[name] = slice(start, start + sizes[name].numel())
+        start += sizes[name].numel()
+    slices = featurizer.layer_slices()
+    for block in featurizer.layers + featurizer.raw:
+        own = block.parameter_names if isinstance(block, FactoredLayer) else [block.name]
+        gradient = torch.cat([exact[:, columns[name]] for name in own], 1)
+        expected = torch.stack([reference_block(block, row) for row in gradient])
+        assert expected.norm() > 0, block.name
+        assert relative_error(features[:, slices[block.name]], expected) < 1e-10, block.name
+    return columns
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -141,40 +222,36 @@ def loop_gradients(output: ModelOutput, model: nn.Module, names: list[str], batc
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_every_layer_block_equals_the_projected_exact_per_example_gradient(case: str) -> None:
+@pytest.mark.parametrize(("case", "policy"), [(case, "factored") for case in CASES] + [
+    ("hf_clip_quick_gelu", "exact")])
+def test_every_layer_block_equals_the_projected_exact_per_example_gradient(case: str, policy: str) -> None:
     model, output, batch, others = CASES[case]()
     indices = torch.tensor([1, -1, 7, 4][: batch[0].shape[0]])
-    # BERT's bidirectional mask cannot run under vmap, so the frozen case keeps its other parameters out
-    policy = "exclude" if case == "frozen_backbone_dual_encoder" else "exact"
-    featurizer = FactoredFeaturizer(model, output, proj_dim=None, layer_dim=6, other_parameters=policy)
+    featurizer = FactoredFeaturizer(model, output, proj_dim=None, layer_dim=3 if case.startswith("raw") else 6,
+                                    other_parameters=policy)
     assert featurizer.other_names == others
-    names = featurizer.parameter_names + (others if policy == "exclude" else [])
+    assert featurizer.parameter_names == [name for name, p in model.named_parameters() if p.requires_grad]
+    names = featurizer.parameter_names
     with eager_attention(model):  # the same attention kernel on both sides (sdpa and eager differ by ~1e-9)
         features, weights = featurizer.features(batch, indices)
         exact = loop_gradients(output, model, names, batch, indices)
         expected_weights = output.loss_weight(model, batch, indices)
     assert features.dtype == torch.float64
     torch.testing.assert_close(weights, expected_weights, rtol=1e-12, atol=1e-12)
-    sizes = dict(model.named_parameters())
-    columns, start = {}, 0
-    for name in names:
-        columns[name] = slice(start, start + sizes[name].numel())
-        start += sizes[name].numel()
+    columns = assert_blocks_equal_projected_gradients(featurizer, features, exact)
     slices = featurizer.layer_slices()
-    kinds = set()
-    for layer in featurizer.layers:
-        gradient = torch.cat([exact[:, columns[name]] for name in layer.parameter_names], 1)
-        expected = torch.stack([reference_block(layer, row) for row in gradient])
-        assert expected.norm() > 0, layer.name
-        assert relative_error(features[:, slices[layer.name]], expected) < 1e-10, layer.name
-        kinds.add((type(layer.module).__name__, layer.out_projection is None, layer.in_projection is None,
-                   layer.has_bias))
+    kinds = {(type(layer.module).__name__, layer.out_projection is None, layer.in_projection is None, layer.has_bias)
+             for layer in featurizer.layers}
+    assert [raw.name for raw in featurizer.raw] == (others if policy == "factored" else [])
     if policy == "exact":
         other = torch.cat([exact[:, :0]] + [exact[:, columns[name]] for name in others], 1)
         torch.testing.assert_close(features[:, slices["other"]], other, rtol=1e-10, atol=1e-12)
     else:
         assert slices["other"].start == slices["other"].stop == features.shape[1]
+    if case.startswith("raw"):  # matrices with both sides projected, one side, none; vectors and a scalar
+        sides = {(raw.row_projection is None, raw.column_projection is None) for raw in featurizer.raw
+                 if raw.parameter.dim() == 2}
+        assert sides == {(False, False), (False, True), (True, False)}
     if case == "layer_zoo":  # every layer type, projected and identity sides, with and without bias
         assert {kind[0] for kind in kinds} == {"Conv2d", "Embedding", "LayerNorm", "Linear"}
         assert {kind[1:] for kind in kinds if kind[0] != "LayerNorm"} >= {(True, False, True), (False, False, True),
@@ -221,9 +298,19 @@ def test_count_sketch_inner_products_are_unbiased() -> None:
 
 def test_other_parameter_policies() -> None:
     model, output, batch, others = hf_clip_case("quick_gelu")
-    excluded = FactoredFeaturizer(model, output, proj_dim=None)
+    named = dict(model.named_parameters())
+    share = 100 * sum(named[n].numel() for n in others) / sum(p.numel() for p in model.parameters())
+    with pytest.warns(CliptraceWarning) as caught:
+        excluded = FactoredFeaturizer(model, output, proj_dim=None, other_parameters="exclude")
+    assert [str(w.message) for w in caught] == [  # once, naming exactly the excluded parameters and their share
+        f"factored features leave out 2 parameters ({sum(named[n].numel() for n in others):,} of "
+        f"{sum(p.numel() for p in model.parameters()):,} selected values, {share:.1f} %) because of "
+        f"other_parameters='exclude': {', '.join(others)}"]
     assert excluded.other_names == others and not set(others) & set(excluded.parameter_names)
     assert excluded.layer_slices()["other"] == slice(excluded.input_dim, excluded.input_dim)
+    covered = FactoredFeaturizer(model, output, proj_dim=None)  # the default forms their blocks from their uses
+    assert [raw.name for raw in covered.raw] == others
+    assert covered.parameter_names == list(named)
     with pytest.raises(ValueError, match="class_embedding.*other_parameters"):
         FactoredFeaturizer(model, output, other_parameters="error")
     with pytest.raises(ValueError, match="other_parameters must be one of"):
@@ -257,6 +344,38 @@ class WithAttention(nn.Module):
         return self.head(self.attention(x, x, x)[0].mean(1))
 
 
+class IndexedTable(nn.Module):
+    """A raw table indexed by batched ids (no rule), or a raw parameter that the forward pass never uses."""
+
+    def __init__(self, use: bool = True) -> None:
+        super().__init__()
+        self.use = use
+        self.head = nn.Linear(4, 3)
+        if use:
+            self.token_table = nn.Parameter(torch.randn(5, 4))
+        else:
+            self.unused = nn.Parameter(torch.randn(2))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.flatten(1)
+        if self.use:
+            x = x + self.token_table[(x[:, 0] > 0).long()]
+        return self.head(x)
+
+
+class RawOnly(nn.Module):
+    """No supported layer at all: a projection matrix and a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Parameter(torch.randn(4, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(images.flatten(1) @ self.proj) + self.bias
+
+
 class NoBatchForm(ModelOutput):
     def output(self, module, params, example, index):
         return module(example[None]).sum()
@@ -271,7 +390,26 @@ def test_unsupported_uses_are_refused_or_left_to_the_policy() -> None:
         FactoredFeaturizer(HiddenWeightUse(), ImageClassificationMargin()).features((images, labels), torch.arange(3))
     attention = FactoredFeaturizer(WithAttention(), ImageClassificationMargin(), proj_dim=None)
     assert [layer.name for layer in attention.layers] == ["head"]
-    assert "attention.in_proj_weight" in attention.other_names and "attention.out_proj.weight" in attention.other_names
+    assert [raw.name for raw in attention.raw] == ["attention.in_proj_weight", "attention.in_proj_bias",
+                                                   "attention.out_proj.weight", "attention.out_proj.bias"]
+    raw_only = RawOnly().double()
+    batch = (images.double(), labels)
+    features = FactoredFeaturizer(raw_only, ImageClassificationMargin(), proj_dim=None).features(batch,
+                                                                                                 torch.arange(3))[0]
+    exact = loop_gradients(ImageClassificationMargin(), raw_only, ["proj", "bias"], batch, torch.arange(3))
+    torch.testing.assert_close(features, exact, rtol=1e-12, atol=1e-12)  # both sides narrower than layer_dim
+    with pytest.raises(ValueError, match="none of the 2 selected parameters of RawOnly is in a layer"):
+        FactoredFeaturizer(raw_only, ImageClassificationMargin(), other_parameters="exclude")
+    for model, name in ((IndexedTable(), "token_table"), (IndexedTable(use=False), "unused")):
+        model = model.double()
+        featurizer = FactoredFeaturizer(model, ImageClassificationMargin(), proj_dim=None, layer_dim=2)
+        batch = (images.double(), labels)
+        with pytest.warns(CliptraceWarning, match=rf"exact per-example gradients .* 1 parameters .*: {name}$"):
+            features = featurizer.features(batch, torch.arange(3))[0]
+        raw = featurizer.raw[0]
+        exact = loop_gradients(ImageClassificationMargin(), model, [name], batch, torch.arange(3))
+        expected = torch.stack([reference_block(raw, row) for row in exact])
+        torch.testing.assert_close(features[:, featurizer.layer_slices()[name]], expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="defines no batch_outputs"):
         FactoredFeaturizer(HiddenWeightUse(), NoBatchForm())
     assert isinstance(make_featurizer("auto", HiddenWeightUse(), NoBatchForm()), ExactFeaturizer)
@@ -295,6 +433,10 @@ def test_a_layer_that_mixes_batch_and_tokens_is_refused_with_its_name() -> None:
     featurizer = FactoredFeaturizer(FlattensTheBatch(), ImageClassificationMargin())
     with pytest.raises(ValueError, match=r"'inner'.*leading dimension is not the batch size 3"):
         featurizer.features((torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 2])), torch.arange(3))
+    model, output, (images, labels), _ = raw_case(batch_first=False)  # a sequence-first TransformerEncoderLayer
+    featurizer = FactoredFeaturizer(model, output, proj_dim=None)
+    with pytest.raises(ValueError, match=r"'encoder.norm1' ran on a tensor of shape \(5, 2, 4\).*batch size 2"):
+        featurizer.features((images[:2], labels[:2]), torch.arange(2))
 
 
 def test_bf16_autocast_gives_float32_features_close_to_the_float32_ones() -> None:
@@ -323,3 +465,61 @@ def test_traker_takes_the_factored_path_wherever_it_applies(tmp_path) -> None:
     assert isinstance(featurizer(proj_dim=None), ExactFeaturizer)  # raw gradients: only the exact path has them
     with pytest.raises(ValueError, match="features must be one of"):
         featurizer(proj_dim=16, features="fast")
+
+
+def test_whitening_leaves_raw_parameters_out_with_a_warning_naming_them() -> None:
+    model, output, batch, others = hf_clip_case("quick_gelu")
+    indices = torch.tensor([1, -1, 7])
+    featurizer = FactoredFeaturizer(model, output, proj_dim=16)
+    statistics = fit_statistics(featurizer, lambda: [(batch, indices)], "kfac")
+    with pytest.warns(CliptraceWarning, match=rf"leave out 2 parameters .* the K-FAC whitening: {', '.join(others)}$"):
+        featurizer.whiten(whitenings(statistics, 0.1), {"kind": "kfac", "damping": 0.1})
+    assert featurizer.raw == [] and not set(others) & set(featurizer.parameter_names)
+    assert featurizer.projector.input_dim == sum(layer.size for layer in featurizer.layers)
+    assert featurizer.features(batch, indices)[0].shape == (3, 16)
+
+
+class RecomputedAttention(TorchFunctionMode):
+    """Replaces ``F.multi_head_attention_forward`` by :func:`multihead.multi_head_attention` with plain projections."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            call = multihead.bind(args, kwargs)
+            assert multihead.supports(call)
+            return multihead.multi_head_attention(F.linear, call)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recomputed_attention_returns_what_torch_returns(batch_first: bool) -> None:
+    torch.manual_seed(0)
+    attention = nn.MultiheadAttention(8, 2, batch_first=batch_first).double().eval()
+    with torch.no_grad():
+        attention.in_proj_bias.normal_()
+    query, other, keys = torch.randn(3, 3, 4, 8, dtype=torch.float64).unbind(0)
+    keys = keys[:, :3]
+    if not batch_first:
+        query, other, keys = (t.transpose(0, 1) for t in (query, other, keys))
+    padding = torch.tensor([[False, False, True, False], [False] * 4, [False, True, False, True]])
+    causal = torch.triu(torch.ones(4, 4, dtype=torch.bool), 1)
+    float_mask = torch.randn(2 * 3, 4, 3, dtype=torch.float64)
+    calls = [
+        ((query, query, query), {}),  # self-attention
+        ((query, query, query), {"key_padding_mask": padding, "attn_mask": causal, "average_attn_weights": False}),
+        ((query, query, query), {"attn_mask": causal.double() * -1e4, "is_causal": True, "need_weights": False}),
+        ((query, query, query), {"key_padding_mask": padding.roll(1, 1), "attn_mask": causal,
+                                 "need_weights": False}),  # a query that sees no key: zero, not NaN
+        ((query, other, other), {"key_padding_mask": padding}),  # key is value
+        ((query, keys, keys + 1), {"attn_mask": float_mask}),  # three inputs, another length
+    ]
+    for args, kwargs in calls:
+        expected = attention(*args, **kwargs)
+        with RecomputedAttention():
+            output = attention(*args, **kwargs)
+        torch.testing.assert_close(output[0], expected[0], rtol=1e-12, atol=1e-12)
+        assert not output[0].isnan().any()
+        if expected[1] is None:
+            assert output[1] is None
+        else:
+            torch.testing.assert_close(output[1], expected[1], rtol=1e-12, atol=1e-12)

@@ -7,7 +7,8 @@ Three module shapes are understood, so the same model-output functions serve the
 * a HuggingFace ``CLIPModel`` or ``SiglipModel`` (same texts; its ``forward`` returns normalized
   ``image_embeds``/``text_embeds``);
 * an open_clip-style module whose ``forward(image, text)`` returns ``(image features, text features, scale)``, and
-  the logit bias after them for a sigmoid-loss model.
+  the logit bias after them for a sigmoid-loss model, or (open_clip's ``output_dict=True``) a dict with keys
+  ``image_features``, ``text_features``, ``logit_scale`` and, for a sigmoid-loss model, ``logit_bias``.
 
 Embeddings are L2-normalized; the scale is the logit multiplier ``exp(logit_scale)``.
 """
@@ -74,8 +75,11 @@ def clip_logit_inputs(
         bias = params["logit_bias"] if "logit_bias" in params else getattr(module, "logit_bias", None)
         return (output.image_embeds, output.text_embeds, scale.exp().reshape(()),
                 None if bias is None else bias.reshape(()))
-    image_features, text_features, scale, *bias = functional_call(module, dict(params), (images, input_ids),
-                                                                  strict=False)
+    output = functional_call(module, dict(params), (images, input_ids), strict=False)
+    if isinstance(output, Mapping):
+        output = (output["image_features"], output["text_features"], output["logit_scale"],
+                  *([output["logit_bias"]] if output.get("logit_bias") is not None else []))
+    image_features, text_features, scale, *bias = output
     return (F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1), scale.reshape(()),
             bias[0].reshape(()) if bias else None)
 

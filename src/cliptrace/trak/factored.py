@@ -25,30 +25,37 @@ scaled by 1/√layer_dim, else the identity. The blocks of all layers are concat
 products in expectation, so ⟨features, features'⟩ estimates ⟨g, g'⟩ over the covered parameters, as the exact path's
 dense projection does.
 
-**Parameters outside supported layers** (raw ``nn.Parameter`` s such as CLIP's class embedding and logit scale,
-``nn.MultiheadAttention``'s in-projection, tied weights) follow ``other_parameters``: ``"exclude"`` (default) leaves
-them out of the features, ``"exact"`` appends their per-example gradients from the exact ``torch.func`` path (one
-extra vectorized pass), ``"error"`` refuses. A supported layer whose parameters are selected but that never runs in
-the forward pass is an error: its weights may be used by a code path that no hook sees.
+**Parameters outside supported layers** (raw ``nn.Parameter`` s such as CLIP's class and position embeddings,
+projection matrices and logit scale, ``nn.MultiheadAttention``'s in- and out-projections, tied weights) follow
+``other_parameters``: ``"factored"`` (default) forms their blocks from the ops that use them
+(:mod:`cliptrace.trak.raw_parameters`; a parameter with a use it has no rule for takes its block from exact
+per-example gradients, with a warning naming it), ``"exact"``
+appends their per-example gradients from the exact ``torch.func`` path (one extra vectorized pass), ``"exclude"``
+leaves them out and warns once, naming them and their share of the parameters, ``"error"`` refuses. A supported
+layer whose parameters are selected but that never runs in the forward pass is an error: its weights may be used by
+a code path that no hook sees.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from cliptrace.notices import CliptraceWarning
 from cliptrace.trak.batches import batch_size
 from cliptrace.trak.clip_call import eager_attention
 from cliptrace.trak.features import ExactFeaturizer, Featurizer, parameter_set_summary
 from cliptrace.trak.gradients import per_example_gradients, select_parameters
 from cliptrace.trak.outputs import ModelOutput
 from cliptrace.trak.projection import CountSketchProjector, DenseProjector, IdentityProjector, Projector
+from cliptrace.trak.raw_parameters import ParameterUses, RawParameter
 from cliptrace.trak.settings import FEATURE_PATHS, OTHER_PARAMETER_POLICIES
 
 if TYPE_CHECKING:
@@ -246,13 +253,15 @@ class FactoredFeaturizer(Featurizer):
         projection: ``"rademacher"`` or ``"gaussian"`` side projections.
         seed: Seed of the side projections and the final sketch.
         parameters: Parameter names or globs to differentiate (default: all trainable parameters).
-        other_parameters: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside supported layers.
+        other_parameters: ``"factored"``, ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
+            supported layers (see the module's docstring).
         autocast: Run the forward and backward passes under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16`` on a GPU); the side projections, per-layer sums and the sketch stay in float32.
         chunk_size: Examples per vectorized call of the exact path for ``other_parameters="exact"``.
 
     Raises:
-        ValueError: Unknown policy, no supported layer among the selected parameters, or leftovers with ``"error"``.
+        ValueError: Unknown policy, no supported layer among the selected parameters (unless ``"factored"``), or
+            leftovers with ``"error"``.
     """
 
     def __init__(
@@ -264,7 +273,7 @@ class FactoredFeaturizer(Featurizer):
         projection: str = "rademacher",
         seed: int = 0,
         parameters: Sequence[str] | None = None,
-        other_parameters: str = "exclude",
+        other_parameters: str = "factored",
         autocast: torch.dtype | None = None,
         chunk_size: int | None = None,
     ) -> None:
@@ -280,25 +289,37 @@ class FactoredFeaturizer(Featurizer):
         self.other_parameters, self.autocast, self.chunk_size = other_parameters, autocast, chunk_size
         selected = select_parameters(module, parameters)
         self.layers = find_layers(module, selected, layer_dim, projection, seed)
-        if not self.layers:
-            raise ValueError(f"none of the {len(selected)} selected parameters of {type(module).__name__} is in a "
-                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact "
-                             f"path")
         covered = {name for layer in self.layers for name in layer.parameter_names}
         self.other_names = [name for name in selected if name not in covered]
+        if not self.layers and other_parameters != "factored":
+            raise ValueError(f"none of the {len(selected)} selected parameters of {type(module).__name__} is in a "
+                             f"layer the factored path supports (Linear, Conv2d, Embedding, LayerNorm): use the exact "
+                             f"path, or other_parameters='factored'")
         if self.other_names and other_parameters == "error":
             raise ValueError(f"parameters outside supported layers: {self.other_names}; pass other_parameters="
                              f"'exclude' or 'exact', or leave them out with parameters=")
-        self.parameter_names = selected if other_parameters == "exact" else [n for n in selected if n in covered]
-        offset = sum(layer.size for layer in self.layers)
-        self.other_size = sum(dict(module.named_parameters())[n].numel() for n in self.other_names) \
-            if other_parameters == "exact" else 0
-        self.input_dim = offset + self.other_size
-        self.projector: Projector = (IdentityProjector(self.input_dim) if proj_dim is None
-                                     else CountSketchProjector(self.input_dim, proj_dim, seed))
-        self.proj_dim = self.projector.proj_dim
+        named = dict(module.named_parameters())
+        self.raw = [RawParameter(name, named[name], lambda width, side: side_projection(width, layer_dim, projection,
+                                                                                        side),
+                                 seed * 1_000_003 + len(self.layers) + i)
+                    for i, name in enumerate(self.other_names)] if other_parameters == "factored" else []
+        if self.other_names and other_parameters == "exclude":
+            _warn_excluded(module, self.other_names, selected, "other_parameters='exclude'")
+        self.parameter_names = selected if other_parameters in ("exact", "factored") else [
+            n for n in selected if n in covered]
+        self.other_size = sum(named[n].numel() for n in self.other_names) if other_parameters == "exact" else 0
+        self._sketch_dim = proj_dim
+        self._build_projector()
         self.whitening: dict[str, Any] | None = None
         self._placed: tuple[torch.device, torch.dtype] | None = None
+        self._warned_exact: set[str] = set()
+
+    def _build_projector(self) -> None:
+        """The final sketch over the concatenated blocks (layers, raw parameters, exact leftovers)."""
+        self.input_dim = sum(layer.size for layer in self.layers) + sum(raw.size for raw in self.raw) + self.other_size
+        self.projector: Projector = (IdentityProjector(self.input_dim) if self._sketch_dim is None
+                                     else CountSketchProjector(self.input_dim, self._sketch_dim, self.seed))
+        self.proj_dim = self.projector.proj_dim
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -313,11 +334,12 @@ class FactoredFeaturizer(Featurizer):
         } | ({"whitening": self.whitening} if self.whitening is not None else {})
 
     def layer_slices(self) -> dict[str, slice]:
-        """Where each layer's block lies in the unsketched features (``proj_dim=None``); ``"other"`` for leftovers."""
+        """Where each layer's and raw parameter's block lies in the unsketched features (``proj_dim=None``);
+        ``"other"`` for the exact path's leftovers."""
         slices, start = {}, 0
-        for layer in self.layers:
-            slices[layer.name] = slice(start, start + layer.size)
-            start += layer.size
+        for block in (*self.layers, *self.raw):
+            slices[block.name] = slice(start, start + block.size)
+            start += block.size
         slices["other"] = slice(start, start + self.other_size)
         return slices
 
@@ -325,13 +347,16 @@ class FactoredFeaturizer(Featurizer):
         """Move the layers' projections and whitenings to ``device`` in the features' dtype; returns that dtype."""
         dtype = torch.float64 if next(self.module.parameters()).dtype == torch.float64 else torch.float32
         if self._placed != (device, dtype):
-            for layer in self.layers:
-                layer.to(device, dtype)
+            for block in (*self.layers, *self.raw):
+                block.to(device, dtype)
             self._placed = (device, dtype)
         return dtype
 
     def whiten(self, whitenings: dict[str, LayerWhitening], description: dict[str, Any]) -> None:
         """Whiten every layer's gradient before its side projections (``description`` joins :meth:`settings`).
+
+        Raw parameters (``other_parameters="factored"``) have no whitening: they leave the features, with a warning
+        naming them.
 
         Raises:
             ValueError: A layer without a whitening, or parameters outside the layers (``other_parameters="exact"``).
@@ -340,6 +365,12 @@ class FactoredFeaturizer(Featurizer):
         if missing or self.other_size:
             raise ValueError(f"whitening needs every featurized parameter in a hooked layer; missing layers "
                              f"{missing}, {self.other_size} parameters outside them (other_parameters='exact')")
+        if self.raw:
+            names = [raw.name for raw in self.raw]
+            _warn_excluded(self.module, names, self.parameter_names, "the K-FAC whitening")
+            self.parameter_names = [name for name in self.parameter_names if name not in names]
+            self.raw = []
+            self._build_projector()
         for layer in self.layers:
             layer.whitening = whitenings[layer.name]
         self.whitening = description
@@ -351,20 +382,45 @@ class FactoredFeaturizer(Featurizer):
         count = batch_size(batch)
         blocks: dict[str, torch.Tensor] = {}
 
-        def add_block(layer: FactoredLayer, kept: torch.Tensor, grad: torch.Tensor) -> None:
-            block = layer.block(kept, grad, dtype).to(dtype)
-            blocks[layer.name] = blocks[layer.name] + block if layer.name in blocks else block
+        def add(name: str, block: torch.Tensor) -> None:
+            blocks[name] = blocks[name] + block if name in blocks else block
 
-        weights = self.hooked_backward(batch, indices, lambda layer, inputs: layer.keep(inputs, count, dtype), add_block)
-        parts = [blocks[layer.name] if layer.name in blocks else torch.zeros(count, layer.size, dtype=dtype,
+        def add_block(layer: FactoredLayer, kept: torch.Tensor, grad: torch.Tensor) -> None:
+            add(layer.name, layer.block(kept, grad, dtype).to(dtype))
+
+        uses = ParameterUses(self.module, self.raw, count, dtype, lambda raw, block: add(raw.name, block.to(dtype)))
+        weights = self.hooked_backward(batch, indices, lambda layer, inputs: layer.keep(inputs, count, dtype),
+                                       add_block, _watching(uses) if self.raw else nullcontext())
+        without_rule = uses.without_rule()
+        if without_rule:
+            blocks.update(self._exact_blocks(without_rule, batch, indices, dtype))
+        parts = [blocks[block.name] if block.name in blocks else torch.zeros(count, block.size, dtype=dtype,
                                                                              device=device)
-                 for layer in self.layers]
+                 for block in (*self.layers, *self.raw)]
         if self.other_size:
             with eager_attention(self.module):
                 parts.append(per_example_gradients(self.output, self.module, self.other_names, batch, indices,
                                                    self.chunk_size).to(dtype))
         features = self.projector.project(torch.cat(parts, 1))
         return features, weights.to(features.dtype)
+
+    def _exact_blocks(self, names: list[str], batch: Any, indices: torch.Tensor,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Blocks of raw parameters that the op rules did not cover, from exact per-example gradients (warned once)."""
+        if set(names) - self._warned_exact:
+            self._warned_exact.update(names)
+            _warn_excluded(self.module, names, self.parameter_names, "uses the factored path has no rule for",
+                           "take their blocks from exact per-example gradients (one more vectorized pass) for")
+        with eager_attention(self.module):
+            gradients = per_example_gradients(self.output, self.module, names, batch, indices, self.chunk_size)
+        named, raw = dict(self.module.named_parameters()), {item.name: item for item in self.raw}
+        blocks, start = {}, 0
+        for name in names:
+            size = named[name].numel()
+            flat = gradients[:, start:start + size].to(dtype)
+            blocks[name] = raw[name].block(flat.reshape(flat.shape[0], *named[name].shape))
+            start += size
+        return blocks
 
     @staticmethod
     def _projection_precision(device: torch.device) -> torch.autocast:
@@ -373,14 +429,17 @@ class FactoredFeaturizer(Featurizer):
         return torch.autocast(device.type, enabled=False)
 
     def hooked_backward(self, batch: Any, indices: torch.Tensor, keep: Callable[[FactoredLayer, tuple[Any, ...]], Any],
-                        on_gradient: Callable[[FactoredLayer, Any, torch.Tensor], None]) -> torch.Tensor:
+                        on_gradient: Callable[[FactoredLayer, Any, torch.Tensor], None],
+                        forward_context: AbstractContextManager[Any] | None = None) -> torch.Tensor:
         """One forward and backward pass of the model output over ``batch`` with parameters frozen and every layer
         hooked: ``keep(layer, inputs)`` runs when the layer runs, ``on_gradient(layer, kept, output_gradient)`` when
-        its output's gradient arrives (both outside autocast). Returns the loss weights Q (B,)."""
+        its output's gradient arrives (both outside autocast); ``forward_context`` is active over the forward pass
+        only. Returns the loss weights Q (B,)."""
         autocast = (torch.autocast(indices.device.type, dtype=self.autocast) if self.autocast is not None
                     else nullcontext())
         with _frozen(self.module), self._hooks(batch_size(batch), keep, on_gradient), torch.enable_grad(), autocast:
-            values, weights = self.output.batch_outputs(self.module, batch, indices)
+            with forward_context or nullcontext():
+                values, weights = self.output.batch_outputs(self.module, batch, indices)
             if not values.requires_grad:
                 raise RuntimeError("the model output does not depend on any hooked layer: nothing to differentiate")
             values.sum().backward()
@@ -420,6 +479,28 @@ class FactoredFeaturizer(Featurizer):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def _watching(uses: ParameterUses) -> Iterator[None]:
+    """Activate ``uses`` with torch's fused attention fast paths off (they would bypass the watched ops)."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with uses:
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _warn_excluded(module: nn.Module, excluded: Sequence[str], selected: Sequence[str], reason: str,
+                   action: str = "leave out") -> None:
+    """Warn that the factored features ``action`` the ``excluded`` parameters, with their share of ``selected``."""
+    named = dict(module.named_parameters())
+    count, total = sum(named[n].numel() for n in excluded), sum(named[n].numel() for n in selected)
+    warnings.warn(f"factored features {action} {len(excluded)} parameters ({count:,} of {total:,} selected values, "
+                  f"{100 * count / total:.1f} %) because of {reason}: {', '.join(excluded)}", CliptraceWarning,
+                  stacklevel=3)
 
 
 @contextmanager

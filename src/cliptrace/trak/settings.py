@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 FEATURE_PATHS = ("auto", "factored", "exact")
-OTHER_PARAMETER_POLICIES = ("exclude", "exact", "error")
+OTHER_PARAMETER_POLICIES = ("factored", "exclude", "exact", "error")
 WHITENINGS = ("kfac", "ekfac")
 SCORE_DTYPES = ("float32", "float64")
 AUTO = "auto"
@@ -47,8 +47,8 @@ class AttributionSettings:
             (per-example gradients and a dense projection, the reference) or ``"auto"`` (factored wherever it
             applies).
         layer_dim: Factored path: width each side of a layer is projected to.
-        other_parameters: Factored path: ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside
-            the layers it supports.
+        other_parameters: Factored path: ``"factored"`` (op rules, :mod:`cliptrace.trak.raw_parameters`),
+            ``"exclude"``, ``"exact"`` or ``"error"`` for selected parameters outside the layers it hooks.
         whitening: Factored path: ``"kfac"`` or ``"ekfac"`` whitens each layer's gradient by its K-FAC / EK-FAC
             Gauss–Newton factors before projecting (:mod:`cliptrace.trak.kfac`), with ridge term ``damping`` × the
             layer's mean eigenvalue; None (default) projects plain gradients.
@@ -68,7 +68,7 @@ class AttributionSettings:
     device: str = "cpu"
     features: str = "auto"
     layer_dim: int = 32
-    other_parameters: str = "exclude"
+    other_parameters: str = "factored"
     whitening: str | None = None
     fit_records: int | None = None
 
