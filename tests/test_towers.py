@@ -51,14 +51,14 @@ def open_clip_model(hidden_act: str) -> DualEncoder:
     from cliptrace.models.open_clip import OpenCLIPAdapter
 
     tanh = {"act_kwargs": {"approximate": "tanh"}} if hidden_act == "gelu_pytorch_tanh" else {}
+    config = {"embed_dim": 16, "quick_gelu": hidden_act == "quick_gelu",
+              "vision_cfg": dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32, **tanh),
+              "text_cfg": dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **tanh)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = open_clip.model.CLIP(
-            16, dict(layers=2, width=32, head_width=8, patch_size=8, image_size=32, **tanh),
-            dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **tanh),
-            quick_gelu=hidden_act == "quick_gelu")
+        model = open_clip.model.CLIP(**config)
     open_clip.model.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    return OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-test")
+    return OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-test", config)
 
 
 BUILDERS = {"hf_clip": hf_clip, "siglip": siglip, "open_clip": open_clip_model}
@@ -256,9 +256,11 @@ def test_open_clip_towers_it_cannot_describe_are_refused_clearly():
 
     vision = dict(layers=1, width=32, head_width=8, patch_size=8, image_size=32, attentional_pool=True,
                   attn_pooler_queries=4, attn_pooler_heads=4)
-    model = open_clip.model.CLIP(16, vision, dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1))
+    config = {"embed_dim": 16, "vision_cfg": vision,
+              "text_cfg": dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=1)}
+    model = open_clip.model.CLIP(**config)
     open_clip.model.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    adapter = OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-attn-pool")
+    adapter = OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-attn-pool", config)
     with pytest.raises(TowerUnavailable, match="attentional pooling"):
         adapter.image_tower()
     skipped = unavailable_methods(adapter, ["decomposition", "chefer", "occlusion", "gradient"])
@@ -276,14 +278,16 @@ def test_open_clip_text_transformer_variants_decompose_exactly(text_cfg):
 
     from cliptrace.models.open_clip import OpenCLIPAdapter
 
+    config = {"embed_dim": 16, "custom_text": True,
+              "vision_cfg": dict(layers=1, width=32, head_width=8, patch_size=8, image_size=32, ls_init_value=0.5),
+              "text_cfg": dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **text_cfg)}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = open_clip.model.CustomTextCLIP(
-            16, dict(layers=1, width=32, head_width=8, patch_size=8, image_size=32, ls_init_value=0.5),
-            dict(context_length=16, vocab_size=49408, width=32, heads=4, layers=2, **text_cfg)).double().eval()
+            config["embed_dim"], config["vision_cfg"], config["text_cfg"]).double().eval()
     model.text.use_pad_mask = model.text.attn_mask is None  # open_clip masks padding in bidirectional towers only
     open_clip.model.set_model_preprocess_cfg(model, {"size": 32, "mean": (0.5,) * 3, "std": (0.5,) * 3})
-    adapter = OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-custom-text")
+    adapter = OpenCLIPAdapter(model, SimpleTokenizer(context_length=16), "tiny-custom-text", config)
     pixels, tokens, _ = batch(adapter)
     with torch.no_grad():
         text, image = text_components(adapter, **tokens), image_components(adapter, pixels)
