@@ -113,7 +113,8 @@ class ViTBackboneTower(ImageTower):
         embeddings = self.embeddings
         size = tuple(embeddings.image_size)
         if tuple(pixel_values.shape[-2:]) != size:
-            raise ValueError(f"images are {tuple(pixel_values.shape[-2:])} pixels; the model takes {size[0]}×{size[1]}")
+            raise ValueError(f"images are {tuple(pixel_values.shape[-2:])} pixels; the model takes "
+                             f"{size[0]}×{size[1]}")
         patch_module = embeddings.patch_embeddings
         patches = patch_module(pixel_values.to(patch_module.projection.weight.dtype))
         constant = embeddings.position_embeddings[0].clone()
