@@ -89,7 +89,7 @@ class Trace:
         embedding: The normalized embedding (B, E).
         sources: The input embeddings (B, S, D), a leaf that requires grad.
         attentions: Each block's attention probabilities (B, H, N, N), in the graph.
-        pool_attention: The attention-pool head's probabilities (B, H, 1, N), or ``None`` for token pooling.
+        pool_attention: The attention-pool head's probabilities (B, H, 1, N), or ``None`` without one.
         attention_inputs: Each block's attention input (the ``norm1`` output, or the block input in a post-LN
             block) as the single source's components (B, 1, N, D), in the graph (differentiate w.r.t. these
             tensors, not a slice of them).
