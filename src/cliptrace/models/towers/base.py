@@ -1,6 +1,7 @@
-"""The tower protocol: one encoder of a dual encoder, described as the parts of a pre-LN transformer.
+"""The tower protocol: one encoder of a dual encoder, described as the parts of a transformer.
 
-Every family (HF CLIP, open_clip ViTs, SigLIP) is the same computation once its modules are named uniformly:
+Every family (HF CLIP, open_clip ViTs, SigLIP, the frozen-backbone dual encoder's ViT / BERT-style backbones) is the
+same computation once its modules are named uniformly:
 
 1. ``embed``: the input embeddings whose contributions are tracked (one per patch or token, the *sources*), the
    constant input (class, position and token-type embeddings) over all N positions, the attention mask and the
