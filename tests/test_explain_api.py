@@ -107,20 +107,21 @@ def test_the_package_is_callable_as_cliptrace_explain(model, pixels):
 
 
 def test_other_dual_encoders_get_pixel_methods_and_a_clear_error_for_the_decomposition():
-    from transformers import BertConfig, ViTConfig
+    from transformers import BertConfig, ResNetConfig
 
+    from cliptrace.data.transforms import ImageTransform
     from cliptrace.models import FrozenBackboneDualEncoder
 
     tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
-    vision = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)
+    vision = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=16)
-    model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=8, seed=0).eval()
+    model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, preprocess=ImageTransform(16),
+                                                   projection_dim=8, seed=0).eval()
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     result = explain(model, pixels, "a red circle", method="gradient")
     assert result.image_map.shape == (2, 16, 16) and result.image_level == "pixel"
-    with pytest.raises(MethodFailed, match="'decomposition' failed: TowerUnavailable: .*does not describe its image tower") \
+    with pytest.raises(MethodFailed, match="'decomposition' failed: TowerUnavailable: .*its backbone is a ResNetModel") \
             as caught:
         explain(model, pixels, "a red circle")
     assert isinstance(caught.value.__cause__, TypeError)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, ViTConfig
+from transformers import ResNetConfig, RobertaConfig
 
+from cliptrace.data.transforms import ImageTransform
 from cliptrace.explain.base import image_logit, patch_grid, text_logit, to_patches
 from cliptrace.explain.baselines import (
     BASELINES,
@@ -435,11 +436,12 @@ def test_random_map_is_deterministic_per_seed(model: HFCLIP, batch) -> None:
 
 def test_pixel_methods_work_for_any_dual_encoder(batch) -> None:
     tokenizer = train_tokenizer(CAPTIONS * 3, vocab_size=300, context_length=16)
-    vision = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)
-    text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16)
-    other = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=8, seed=0).double().eval()
+    # Backbones no tower describes: a ResNet and a RoBERTa.
+    vision = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    text = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)
+    other = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, preprocess=ImageTransform(32),
+                                                   projection_dim=8, seed=0).double().eval()
     images, tokens, _ = batch
     sides = F.normalize(torch.ones(2, 8, dtype=torch.float64), dim=-1)
     gradient = pixel_gradient(other, images, sides)
@@ -454,7 +456,7 @@ def test_pixel_methods_work_for_any_dual_encoder(batch) -> None:
     assert occlusion.shape == (2, 8, 8) and RandomMap().attribute_image(other, images, sides).shape == (2, 8, 8)
     torch.testing.assert_close(occlusion[:, 1, 2], drop.detach())
     for name in set(BASELINES) - PIXEL_LEVEL - {"occlusion", "random"}:
-        with pytest.raises(TowerUnavailable, match="FrozenBackboneDualEncoder does not describe"):
+        with pytest.raises(TowerUnavailable, match="cannot describe its image tower: its backbone is a ResNetModel"):
             make_baseline(name).attribute_image(other, images, sides)
-    with pytest.raises(TowerUnavailable, match="does not describe its text tower"):
+    with pytest.raises(TowerUnavailable, match="cannot describe its text tower: its backbone is a RobertaModel"):
         Gradient().attribute_text(other, tokens["input_ids"], tokens["attention_mask"], sides)

@@ -141,25 +141,27 @@ def test_contrastive_rows_explain_the_class_against_the_others(world_and_model):
 
 
 def test_default_methods_skip_those_a_frozen_backbone_model_cannot_run_in_one_line(world_and_model, tmp_path):
-    from transformers import BertConfig, ViTConfig
+    from transformers import BertConfig, ResNetConfig
 
+    from cliptrace.data.transforms import ImageTransform
     from cliptrace.models import FrozenBackboneDualEncoder
 
     world, _ = world_and_model
     captions = [line for line in (world / "captions.csv").read_text(encoding="utf-8").splitlines()[1:]]
     tokenizer = train_tokenizer(captions, vocab_size=300, context_length=16)
-    vision = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)
+    vision = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=16)
-    FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=8, seed=0).save(tmp_path / "lit")
+    FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, preprocess=ImageTransform(32), projection_dim=8,
+                                           seed=0).save(tmp_path / "lit")
     result = CliRunner().invoke(app, ["explain", "--model", str(tmp_path / "lit"), "--image",
                                       str(world / "images" / "shapes-000000.png"), "--text", "a red circle",
                                       "--out", str(tmp_path / "grid.png")])
     assert result.exit_code == 0, result.output
     skipped = [line for line in result.output.splitlines() if line.startswith("skipped")]
-    assert skipped == ["skipped decomposition, attention_rollout, chefer, gradcam: FrozenBackboneDualEncoder does "
-                       "not describe its image tower (HFCLIP, OpenCLIPAdapter and SigLIPAdapter do)"]
+    assert skipped == ["skipped decomposition, attention_rollout, chefer, gradcam: FrozenBackboneDualEncoder cannot "
+                       "describe its image tower: its backbone is a ResNetModel, which is not described (supported: "
+                       "ViTModel, CLIPVisionModel)"]
     assert "Traceback" not in result.output and (tmp_path / "grid.png").is_file()
     for method in ("gradient_x_input", "integrated_gradients", "occlusion"):
         assert method in result.output

@@ -16,11 +16,12 @@ import torch
 import typer
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, ViTConfig
+from transformers import BertConfig, ResNetConfig
 from typer.testing import CliRunner
 
 from cliptrace.cli import app
 from cliptrace.cli.errors import reported_errors
+from cliptrace.data.transforms import ImageTransform
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.explain.api import MethodFailed, explain
 from cliptrace.explain.base import AttributionMethod
@@ -49,16 +50,17 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict[str, Path]:
-    """A tiny HF CLIP and a tiny frozen-backbone model saved as model directories, and a 32-pixel image."""
+    """A tiny HF CLIP and a tiny frozen-backbone model (a ResNet image backbone, which no tower describes) saved as
+    model directories, and a 32-pixel image."""
     root = tmp_path_factory.mktemp("models")
     clip = HFCLIP.from_preset("tiny", tokenizer, seed=0, image_size=32, vision_num_hidden_layers=1,
                               text_num_hidden_layers=1)
     clip.save(root / "clip")
-    vision = ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32)
+    vision = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
     text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=32, max_position_embeddings=16)
-    FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=8, seed=0).save(root / "frozen")
+    FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, preprocess=ImageTransform(16), projection_dim=8,
+                                           seed=0).save(root / "frozen")
     Image.new("RGB", (40, 30), (220, 30, 30)).save(root / "red.png")
     return {"clip": root / "clip", "frozen": root / "frozen", "image": root / "red.png"}
 
@@ -348,8 +350,8 @@ def test_explain_of_a_frozen_model_names_the_methods_that_need_a_described_tower
     assert code == 1 and isinstance(exception, SystemExit), stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: {saved['frozen']}, method decomposition: TowerUnavailable: the exact decomposition: "
-                      "FrozenBackboneDualEncoder does not describe its image tower (HFCLIP, OpenCLIPAdapter and "
-                      "SigLIPAdapter do)"]
+                      "FrozenBackboneDualEncoder cannot describe its image tower: its backbone is a ResNetModel, "
+                      "which is not described (supported: ViTModel, CLIPVisionModel)"]
     assert out.is_file()
 
 

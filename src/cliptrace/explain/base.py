@@ -103,8 +103,8 @@ def _tower(model: DualEncoder, needs: str, side: Literal["image", "text"]) -> Im
 def _describe(model: DualEncoder, side: Literal["image", "text"]) -> ImageTower | TextTower:
     name = type(model).__name__
     if not isinstance(model, DescribesTowers):
-        raise TowerUnavailable(f"{name} does not describe its {side} tower (HFCLIP, OpenCLIPAdapter and "
-                               f"SigLIPAdapter do)")
+        raise TowerUnavailable(f"{name} does not describe its {side} tower (HFCLIP, OpenCLIPAdapter, "
+                               f"SigLIPAdapter and FrozenBackboneDualEncoder do)")
     try:
         return model.image_tower() if side == "image" else model.text_tower()
     except TowerUnavailable as error:

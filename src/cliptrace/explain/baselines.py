@@ -30,7 +30,7 @@ from cliptrace.explain.base import (
 )
 from cliptrace.explain.propagation import Trace, trace
 from cliptrace.models.base import DualEncoder
-from cliptrace.models.towers.base import Embedding, TextTower, TokenPool, Tower
+from cliptrace.models.towers.base import AttentionPool, Embedding, MeanPool, TextTower, TokenPool, Tower
 
 Modality = Literal["image", "text"]
 Inputs = tuple[torch.Tensor, ...]  # (pixel_values,) or (input_ids, attention_mask)
@@ -62,10 +62,13 @@ def _source_map(values: torch.Tensor, modality: Modality, inputs: Inputs, model:
 def _pooled_row(matrix: torch.Tensor, embedding: Embedding, pool_matrix: torch.Tensor | None) -> torch.Tensor:
     """The pooled position's row of (B, N, N) position-to-position scores, at the sources: (B, S).
 
-    With an attention-pool head the row is the head's (B, 1, N) scores times the matrix.
+    With mean pooling the row is the pooled mean of the rows; with an attention-pool head it is the head's
+    (B, 1, N) scores times the matrix.
     """
     if isinstance(embedding.pool, TokenPool):
         row = matrix[torch.arange(matrix.shape[0], device=matrix.device), embedding.pool.positions]
+    elif isinstance(embedding.pool, MeanPool):
+        row = torch.einsum("bn,bnm->bm", embedding.pool.weights.to(matrix.dtype), matrix)
     else:
         row = (pool_matrix @ matrix)[:, 0]
     return row[:, embedding.positions]
@@ -109,9 +112,9 @@ def _attentions(
 
 def _split_pool(embedding: Embedding, matrices: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Per-block (B, N, N) matrices and the attention-pool head's (B, 1, N), if the tower has one."""
-    if isinstance(embedding.pool, TokenPool):
-        return matrices, None
-    return matrices[:-1], matrices[-1]
+    if isinstance(embedding.pool, AttentionPool):
+        return matrices[:-1], matrices[-1]
+    return matrices, None
 
 
 def _gradient_forward(model: DualEncoder) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -316,8 +319,9 @@ class Occlusion(AttributionMethod):
 
 class AttentionRollout(AttributionMethod):
     """Attention rollout (Abnar & Zuidema 2020): per layer the head-mean attention plus identity, row-normalized,
-    multiplied across layers; the pooled token's row (CLS, EOS or last token) over patches or tokens. With an
-    attention-pool head (SigLIP) the row is the head's head-mean attention times the rollout.
+    multiplied across layers; the pooled token's row (CLS, EOS or last token) over patches or tokens, or the mean
+    of the pooled rows (mean-pooled towers). With an attention-pool head (SigLIP) the row is the head's head-mean
+    attention times the rollout.
 
     Does not depend on the text side (or image side): it reads attention only. Needs a described tower.
     """
@@ -353,10 +357,10 @@ class CheferRelevance(AttributionMethod):
     interpreting bi-modal and encoder-decoder transformers"), self-attention rule.
 
     ``R = I``; per layer ``Ā = E_h[(∇A ⊙ A)⁺]`` with ∇A the logit's gradient w.r.t. the attention
-    probabilities, ``R ← R + Ā R``; the pooled token's row (CLS, EOS or last token) over patches or tokens (causal
-    and padding masks hold since masked probabilities are 0). With an attention-pool head (SigLIP) the row is the
-    head's ``Ā`` (1 × N) times R. ``layers="last"`` reads the last attention's Ā alone (the head's, if any).
-    Needs a described tower.
+    probabilities, ``R ← R + Ā R``; the pooled token's row (CLS, EOS or last token), or the mean of the pooled rows
+    (mean-pooled towers), over patches or tokens (causal and padding masks hold since masked probabilities are 0).
+    With an attention-pool head (SigLIP) the row is the head's ``Ā`` (1 × N) times R. ``layers="last"`` reads the
+    last attention's Ā alone (the head's, if any). Needs a described tower.
 
     Args:
         layers: ``"all"`` (the full rule) or ``"last"``.
@@ -407,8 +411,9 @@ class CheferRelevanceLast(CheferRelevance):
 
 
 class GradCAM(AttributionMethod):
-    """Grad-CAM (Selvaraju et al. 2017) adapted to ViTs: activations A (B, N, D) are the last block's ``norm1``
-    output at the patch tokens, ``w = mean_n ∂f/∂A_n``, map ``ReLU(Σ_d w_d A_{n,d})``. Needs a described tower.
+    """Grad-CAM (Selvaraju et al. 2017) adapted to ViTs: activations A (B, N, D) are the last block's attention
+    input (its ``norm1`` output; the block input in a post-LN block) at the patch tokens, ``w = mean_n ∂f/∂A_n``,
+    map ``ReLU(Σ_d w_d A_{n,d})``. Needs a described tower.
 
     The last block's *output* is not used: with token pooling only its CLS (or EOS) state reaches the embedding,
     so its gradient is zero at every other token. The token map is the same on the text tower, averaged over

@@ -45,9 +45,9 @@ def text_components(
 ) -> torch.Tensor:
     """Per-token components of the normalized text embedding, (B, L + 1, E); the last row is the constant source.
 
-    Token t owns its token embedding; the constant source owns the position embeddings. Padding tokens own
-    exactly zero where no pooled position sees them (causal or padding-masked towers). ``components.sum(1)`` is
-    ``model.encode_text(...)``. ``chunk_size`` is as in :func:`image_components`.
+    Token t owns its token embedding; the constant source owns the position (and token-type) embeddings. Padding
+    tokens own exactly zero where no pooled position sees them (causal or padding-masked towers).
+    ``components.sum(1)`` is ``model.encode_text(...)``. ``chunk_size`` is as in :func:`image_components`.
 
     Raises:
         TowerUnavailable: The model does not describe its text tower.

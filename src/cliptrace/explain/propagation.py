@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cliptrace.explain import rules
-from cliptrace.models.towers.base import MLP, Attention, Block, Embedding, Tower, TokenPool
+from cliptrace.models.towers.base import MLP, Attention, Block, Embedding, MeanPool, Tower, TokenPool
 
 
 class FrozenState:
@@ -63,10 +63,13 @@ def propagate(tower: Tower, embedding: Embedding, components: torch.Tensor, froz
         components = _layer_norm(components, tower.pre_norm, frozen)
     for block in tower.blocks:
         components = _block(components, block, embedding.mask, frozen)
-    components = _layer_norm(components, tower.final_norm, frozen)
+    if tower.final_norm is not None:
+        components = _layer_norm(components, tower.final_norm, frozen)
     if isinstance(embedding.pool, TokenPool):
         rows = torch.arange(components.shape[0], device=components.device)
         pooled = components[rows, :, embedding.pool.positions]
+    elif isinstance(embedding.pool, MeanPool):
+        pooled = torch.einsum("bsnd,bn->bsd", components, embedding.pool.weights.to(components.dtype))
     else:
         head = embedding.pool
         probe = head.probe.to(components.dtype).expand(components.shape[0], 1, -1)
@@ -86,9 +89,10 @@ class Trace:
         embedding: The normalized embedding (B, E).
         sources: The input embeddings (B, S, D), a leaf that requires grad.
         attentions: Each block's attention probabilities (B, H, N, N), in the graph.
-        pool_attention: The attention-pool head's probabilities (B, H, 1, N), or ``None`` for token pooling.
-        attention_inputs: Each block's ``norm1`` output as the single source's components (B, 1, N, D), in the
-            graph (differentiate w.r.t. these tensors, not a slice of them).
+        pool_attention: The attention-pool head's probabilities (B, H, 1, N), or ``None`` without one.
+        attention_inputs: Each block's attention input (the ``norm1`` output, or the block input in a post-LN
+            block) as the single source's components (B, 1, N, D), in the graph (differentiate w.r.t. these
+            tensors, not a slice of them).
     """
 
     embedding: torch.Tensor
@@ -140,13 +144,26 @@ def components(tower: Tower, embedding: Embedding, *, chunk_size: int | None = N
 
 
 def _block(components: torch.Tensor, block: Block, mask: torch.Tensor | None, frozen: FrozenState) -> torch.Tensor:
-    """One pre-LN block: attention and MLP residual branches with frozen state."""
+    """One block: attention and MLP residual branches with frozen state."""
+    if block.post_norm:
+        return _post_norm_block(components, block, mask, frozen)
     normed = _layer_norm(components, block.norm1, frozen)
     frozen.note("attention_input", normed)
     branch = _attend(normed, None, block.attention, mask, frozen, "attention")
     components = components + _scaled(branch, block.attention_scale)
     branch = _mlp(_layer_norm(components, block.norm2, frozen), block.mlp, frozen)
     return components + _scaled(branch, block.mlp_scale)
+
+
+def _post_norm_block(
+    components: torch.Tensor, block: Block, mask: torch.Tensor | None, frozen: FrozenState
+) -> torch.Tensor:
+    """One post-LN block: each LayerNorm (σ frozen) follows its residual sum."""
+    frozen.note("attention_input", components)
+    branch = _attend(components, None, block.attention, mask, frozen, "attention")
+    components = _layer_norm(components + _scaled(branch, block.attention_scale), block.norm1, frozen)
+    branch = _mlp(components, block.mlp, frozen)
+    return _layer_norm(components + _scaled(branch, block.mlp_scale), block.norm2, frozen)
 
 
 def _attend(

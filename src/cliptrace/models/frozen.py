@@ -39,6 +39,8 @@ from cliptrace.models.directory import (
     write_manifest,
 )
 from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.towers.base import ImageTower, TextTower
+from cliptrace.models.towers.hf_backbones import image_backbone_tower, text_backbone_tower
 from cliptrace.models.weights import read_tensors, safetensors_files, tensor_shapes
 
 HEADS_NAME = "heads.safetensors"
@@ -253,6 +255,22 @@ class FrozenBackboneDualEncoder(DualEncoder):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
         return l2_normalize(self.text_projection(pooled.to(self.text_projection.weight.dtype)), normalize)
+
+    def image_tower(self) -> ImageTower:
+        """The image backbone and head as a described tower (:mod:`cliptrace.models.towers.hf_backbones`).
+
+        Raises:
+            TowerUnavailable: The backbone is not a ``ViTModel`` or ``CLIPVisionModel``.
+        """
+        return image_backbone_tower(self.vision, self.visual_projection)
+
+    def text_tower(self) -> TextTower:
+        """The text backbone and head as a described tower.
+
+        Raises:
+            TowerUnavailable: The backbone is not a ``BertModel``, ``DistilBertModel`` or ``CLIPTextModel``.
+        """
+        return text_backbone_tower(self.text, self.text_projection, self.tokenizer)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize to (B, context_length) ``input_ids`` and ``attention_mask``."""

@@ -1,13 +1,16 @@
-"""The tower protocol: one encoder of a dual encoder, described as the parts of a pre-LN transformer.
+"""The tower protocol: one encoder of a dual encoder, described as the parts of a transformer.
 
-Every family (HF CLIP, open_clip ViTs, SigLIP) is the same computation once its modules are named uniformly:
+Every family (HF CLIP, open_clip ViTs, SigLIP, the frozen-backbone dual encoder's ViT / BERT-style backbones) is the
+same computation once its modules are named uniformly:
 
 1. ``embed``: the input embeddings whose contributions are tracked (one per patch or token, the *sources*), the
-   constant input (class and position embeddings) over all N positions, the attention mask and the pooling;
-2. an optional LayerNorm over every position, then the blocks ``x += attn(norm1(x)); x += mlp(norm2(x))`` with
-   attention through q/k/v/out projections and an MLP ``fc2(act(fc1(·)))``;
-3. a final LayerNorm over every position, the pooling (one token per row, or an attention-pool head) and an
-   optional projection.
+   constant input (class, position and token-type embeddings) over all N positions, the attention mask and the
+   pooling;
+2. an optional LayerNorm over every position, then the blocks ``x += attn(norm1(x)); x += mlp(norm2(x))`` (or,
+   post-LN as in BERT, ``x = norm1(x + attn(x)); x = norm2(x + mlp(x))``) with attention through q/k/v/out
+   projections and an MLP ``fc2(act(fc1(·)))``;
+3. an optional final LayerNorm over every position, the pooling (one token per row, a mean over positions, or an
+   attention-pool head) and an optional projection.
 
 The embedding is the L2-normalized result. A family module only says where these parts are; the exact
 decomposition and the attention methods (:mod:`cliptrace.explain`) run on the description alone.
@@ -35,6 +38,11 @@ class Affine:
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Affine:
+        """The map of a ``torch.nn.Linear`` (sharing its parameters)."""
+        return cls(linear.weight, linear.bias)
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         """Apply the map to the last dimension."""
@@ -75,7 +83,11 @@ class MLP:
 
 @dataclass(frozen=True)
 class Block:
-    """``x += s1 ⊙ attention(norm1(x)); x += s2 ⊙ mlp(norm2(x))``, s1 and s2 being optional layer scales."""
+    """``x += s1 ⊙ attention(norm1(x)); x += s2 ⊙ mlp(norm2(x))``, s1 and s2 being optional layer scales.
+
+    With ``post_norm`` the LayerNorms follow the residual sums instead (BERT, DistilBERT):
+    ``x = norm1(x + s1 ⊙ attention(x)); x = norm2(x + s2 ⊙ mlp(x))``.
+    """
 
     norm1: nn.LayerNorm
     attention: Attention
@@ -83,6 +95,7 @@ class Block:
     mlp: MLP
     attention_scale: torch.Tensor | None = None
     mlp_scale: torch.Tensor | None = None
+    post_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,24 @@ class AttentionPool:
     mlp: MLP
 
 
-Pool = TokenPool | AttentionPool
+@dataclass(frozen=True)
+class MeanPool:
+    """A weighted mean over positions ``Σ_n w_n h_n``: ``1/count`` at the positions pooled, 0 elsewhere.
+
+    Attributes:
+        weights: (B, N) the weight of each position.
+    """
+
+    weights: torch.Tensor
+
+    @classmethod
+    def over(cls, kept: torch.Tensor, dtype: torch.dtype) -> MeanPool:
+        """The mean over the positions where ``kept`` (B, N) is nonzero (an all-zero row pools to zero)."""
+        kept = kept.to(dtype)
+        return cls(kept / kept.sum(-1, keepdim=True).clamp_min(1.0))
+
+
+Pool = TokenPool | MeanPool | AttentionPool
 
 
 @dataclass(frozen=True)
@@ -113,7 +143,8 @@ class Embedding:
     Attributes:
         sources: Input embedding of each source (B, S, D): patch embeddings or token embeddings.
         positions: (S,) the sequence position each source enters at.
-        constant: (N, D) the input no source owns over all N positions (class and position embeddings).
+        constant: (N, D) the input no source owns over all N positions (class, position and token-type
+            embeddings).
         mask: Additive attention mask broadcastable to (B, H, N, N), or ``None``.
         pool: How the tower pools the final states.
     """
@@ -138,14 +169,14 @@ class Tower(abc.ABC):
     Attributes:
         pre_norm: LayerNorm over every position before the first block, or ``None``.
         blocks: The transformer blocks in order.
-        final_norm: LayerNorm over every position after the last block.
+        final_norm: LayerNorm over every position after the last block, or ``None``.
         projection: The map from the pooled state to the joint space, or ``None``.
     """
 
     def __init__(
         self,
         blocks: Sequence[Block],
-        final_norm: nn.LayerNorm,
+        final_norm: nn.LayerNorm | None,
         *,
         pre_norm: nn.LayerNorm | None = None,
         projection: Affine | None = None,

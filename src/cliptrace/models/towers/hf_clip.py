@@ -56,6 +56,21 @@ def patch_embeddings(embeddings: nn.Module, pixel_values: torch.Tensor) -> torch
     return embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
 
 
+def class_token_inputs(
+    embeddings: nn.Module, pixel_values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The patch sources (B, P, D) of a HF CLIP vision embedding module, their positions 1…P, and the constant
+    (P + 1, D): the position embeddings plus the class embedding at position 0.
+
+    Raises:
+        ValueError: The images are not the model's input size.
+    """
+    patches = patch_embeddings(embeddings, pixel_values)
+    constant = embeddings.position_embedding(embeddings.position_ids[0]).clone()
+    constant[0] += embeddings.class_embedding
+    return patches, torch.arange(1, patches.shape[1] + 1, device=patches.device), constant
+
+
 class CLIPImageTower(ImageTower):
     """The vision tower of a ``CLIPModel``: ``visual_projection(post_layernorm(CLS))``."""
 
@@ -76,11 +91,7 @@ class CLIPImageTower(ImageTower):
         Raises:
             ValueError: The images are not the model's input size.
         """
-        embeddings = self.embeddings
-        patches = patch_embeddings(embeddings, pixel_values)
-        constant = embeddings.position_embedding(embeddings.position_ids[0]).clone()
-        constant[0] += embeddings.class_embedding
-        positions = torch.arange(1, patches.shape[1] + 1, device=patches.device)
+        patches, positions, constant = class_token_inputs(self.embeddings, pixel_values)
         pool = TokenPool(torch.zeros(len(patches), dtype=torch.long, device=patches.device))
         return Embedding(patches, positions, constant, None, pool)
 
