@@ -26,6 +26,7 @@ from cliptrace.train import TrainConfig, initial_model, list_checkpoints, train
 from cliptrace.trak import AttributionSettings, SigmoidPairLogit
 from cliptrace.trak.clip_call import eager_attention
 from cliptrace.trak.factored import FactoredFeaturizer
+from cliptrace.trak.outputs import output_for_objective, output_for_task
 from cliptrace.verify.retrain import target_outputs
 from test_trak_factored import loop_gradients, reference_block, relative_error
 
@@ -311,3 +312,12 @@ def test_a_siglip_preset_run_starts_from_a_new_siglip(tmp_path: Path) -> None:
     assert model.preprocess.size == 32 and model.logit_bias.item() == -10.0
     with pytest.raises(ValueError, match=r"unknown preset 'siglip-huge'; choose one of \(.*'siglip-tiny'"):
         initial_model(TrainConfig(data=str(world), out=str(tmp_path / "run"), preset="siglip-huge"))
+
+
+def test_sigmoid_pair_logit_needs_a_logit_bias(tokenizer) -> None:
+    assert isinstance(output_for_task("siglip"), SigmoidPairLogit)
+    assert isinstance(output_for_objective(SIGMOID), SigmoidPairLogit)
+    clip = HFCLIP.from_preset("tiny", tokenizer, image_size=16, vision_num_hidden_layers=1, text_num_hidden_layers=1)
+    images, tokens = torch.zeros(2, 3, 16, 16), clip.tokenize(CAPTIONS[:2])
+    with pytest.raises(ValueError, match="HFCLIP has no logit bias.*use ClipMargin"):
+        SigmoidPairLogit().loss_weight(clip, (images, tokens), torch.arange(2))
