@@ -49,11 +49,10 @@ def _unit(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("n, dim, scale, bias", [(1, 4, 1.0, 0.0), (5, 8, 10.0, -10.0), (9, 3, 117.0, 3.5)])
 def test_sigmoid_loss_equals_brute_force(n: int, dim: int, scale: float, bias: float) -> None:
     images, texts = _unit(n, dim, n)
-    loss = sigmoid_loss(images, texts, torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64))
+    scale_tensor, bias_tensor = torch.tensor(scale, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64)
+    loss = sigmoid_loss(images, texts, scale_tensor, bias_tensor)
     assert loss.item() == pytest.approx(brute_force_sigmoid_loss(images, texts, scale, bias), rel=1e-12)
-    through_objective = SIGMOID.loss(images, texts, torch.tensor(scale, dtype=torch.float64),
-                                     torch.tensor(bias, dtype=torch.float64))
-    assert through_objective.item() == loss.item()
+    assert SIGMOID.loss(images, texts, scale_tensor, bias_tensor).item() == loss.item()
 
 
 def test_losses_refuse_bad_arguments() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.fabric import Fabric
 
 import cliptrace
 from cliptrace.data.images import ImageLoader
@@ -26,7 +27,9 @@ from cliptrace.train import TrainConfig, initial_model, list_checkpoints, train
 from cliptrace.trak import AttributionSettings, SigmoidPairLogit
 from cliptrace.trak.clip_call import eager_attention
 from cliptrace.trak.factored import FactoredFeaturizer
+from cliptrace.trak.outputs import output_for_objective, output_for_task
 from cliptrace.verify.retrain import target_outputs
+from test_distributed import _global_batch as distributed_batch, _gradients as training_gradients
 from test_trak_factored import loop_gradients, reference_block, relative_error
 
 CAPTIONS = ["a red circle above a small blue square", "two green triangles left of a yellow star",
@@ -237,6 +240,23 @@ def test_training_lowers_the_sigmoid_loss_and_trains_the_bias(siglip_run: tuple[
     assert [path.name for path in list_checkpoints(run)] == ["epoch-0002", "epoch-0004"]
 
 
+def test_two_process_training_step_gives_the_one_process_gradients(siglip_run: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """The sigmoid loss through Fabric's DDP: the bias comes out of the wrapped forward, so DDP averages its gradient
+    with the others (the harness of the CLIP test in test_distributed.py)."""
+    world, run = siglip_run
+    batch = distributed_batch(world, load_model(run / "model"))
+    one, two = str(tmp_path / "one.pt"), str(tmp_path / "two.pt")
+    training_gradients(Fabric(accelerator="cpu", devices=1), str(run / "model"), batch, one)
+    Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn").launch(training_gradients, str(run / "model"), batch,
+                                                                     two)
+    single, distributed = torch.load(one), torch.load(two)
+    assert single.keys() == distributed.keys()
+    assert single["model.logit_bias"].abs().max() > 0 and single["model.logit_scale"].abs().max() > 0
+    for name, gradient in single.items():
+        torch.testing.assert_close(distributed[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_zero_shot_ranks_by_sigmoid_probabilities(siglip_run: tuple[Path, Path]) -> None:
     world, run = siglip_run
     model = load_model(run / "model").eval()
@@ -311,3 +331,12 @@ def test_a_siglip_preset_run_starts_from_a_new_siglip(tmp_path: Path) -> None:
     assert model.preprocess.size == 32 and model.logit_bias.item() == -10.0
     with pytest.raises(ValueError, match=r"unknown preset 'siglip-huge'; choose one of \(.*'siglip-tiny'"):
         initial_model(TrainConfig(data=str(world), out=str(tmp_path / "run"), preset="siglip-huge"))
+
+
+def test_sigmoid_pair_logit_needs_a_logit_bias(tokenizer) -> None:
+    assert isinstance(output_for_task("siglip"), SigmoidPairLogit)
+    assert isinstance(output_for_objective(SIGMOID), SigmoidPairLogit)
+    clip = HFCLIP.from_preset("tiny", tokenizer, image_size=16, vision_num_hidden_layers=1, text_num_hidden_layers=1)
+    images, tokens = torch.zeros(2, 3, 16, 16), clip.tokenize(CAPTIONS[:2])
+    with pytest.raises(ValueError, match="HFCLIP has no logit bias.*use ClipMargin"):
+        SigmoidPairLogit().loss_weight(clip, (images, tokens), torch.arange(2))

@@ -56,7 +56,8 @@ def lds_command(
     methods: Methods = None,
     scores: Annotated[Optional[list[str]], typer.Option(
         help="NAME=FILE.npy: grade your own scores too (n_train × n_targets, the plan's order).")] = None,
-    output: Annotated[str, typer.Option(help="Target output: margin (CLIP margin) or logit.")] = "margin",
+    output: Annotated[str, typer.Option(help="Target output: margin (the objective's pair output: CLIP margin, "
+                                             "SigLIP pair logit) or logit.")] = "margin",
     n_targets: NTargets = 50, checkpoints: Checkpoints = None, workers: Workers = 1, progress: Progress = True,
     settings: AttributionSettings = AttributionSettings(),
 ) -> None:

@@ -11,13 +11,11 @@ whatever the number of images, the splits or the output format.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
 import os
 import shutil
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path

@@ -111,7 +111,8 @@ def text_query(
     """
     images = embed_images(model, records, loader, batch_size=batch_size, device=device, progress=progress)
     query = embed_texts(model, [text], device=device)[0]
-    return _ranked(model, text, images @ query, [(record, None) for record in records], k, true_id)
+    return _ranked(text, images @ query, match_probabilities(model, query, images),
+                   [(record, None) for record in records], k, true_id)
 
 
 def image_query(
@@ -141,7 +142,7 @@ def image_query(
     captions = [caption for _, caption in candidates]
     texts = embed_texts(model, captions, batch_size=batch_size, device=device, progress=progress)
     query = embed_pil_images(model, [image], device=device)[0]
-    return _ranked(model, image, texts @ query, candidates, k, true_id)
+    return _ranked(image, texts @ query, match_probabilities(model, query, texts), candidates, k, true_id)
 
 
 def plot_text_query(result: QueryResult, loader: ImageLoader, out_png: str | Path) -> Path:
@@ -212,20 +213,21 @@ def plot_image_query(result: QueryResult, out_png: str | Path) -> Path:
         return _save(figure, out_png)
 
 
-def match_probabilities(model: DualEncoder, similarities: torch.Tensor) -> torch.Tensor:
-    """The model's probability that each candidate matches the query, from the query's cosine similarities (C,)
-    to all candidates, under the model's objective (softmax over the candidates, or the sigmoid of each logit)."""
+@torch.no_grad()
+def match_probabilities(model: DualEncoder, query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The model's probability (C,) that each candidate matches the query, under its objective (softmax over the
+    candidates, or the sigmoid of each logit alone), from the normalized embeddings of the query (D,) and of the
+    candidates (C, D)."""
     bias = model.logit_bias
-    logits = model.logit_scale.exp().detach().cpu() * similarities
-    if bias is not None:
-        logits = logits + bias.detach().cpu()
-    return model.objective.probabilities(logits[None])[0]
+    logits = model.objective.logits(query[None], candidates, model.logit_scale.exp().cpu(),
+                                    None if bias is None else bias.cpu())
+    return model.objective.probabilities(logits)[0]
 
 
 def _ranked(
-    model: DualEncoder,
     query: str | Image.Image,
     similarities: torch.Tensor,
+    probabilities: torch.Tensor,
     candidates: Sequence[tuple[Record, str | None]],
     k: int,
     true_id: str | None,
@@ -236,7 +238,6 @@ def _ranked(
     is_true = torch.tensor([record.id == true_id for record, _ in candidates], dtype=torch.bool)
     if true_id is not None and not is_true.any():
         raise ValueError(f"true id {true_id!r} is not the id of any of the {len(candidates)} candidates")
-    probabilities = match_probabilities(model, similarities)
     wrong_first = torch.argsort(is_true.int(), stable=True)
     order = wrong_first[torch.argsort(similarities[wrong_first], descending=True, stable=True)].tolist()
 

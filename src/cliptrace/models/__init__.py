@@ -1,4 +1,5 @@
-"""CLIP-style dual encoders: the DualEncoder contract, its adapters (HF CLIP, HF SigLIP, frozen backbones, open_clip), size presets, tokenizer and model directory.
+"""CLIP-style dual encoders: the DualEncoder contract, its adapters (HF CLIP, HF SigLIP, frozen backbones,
+open_clip), size presets, tokenizer and model directory.
 
 ``OpenCLIPAdapter`` is importable here without open_clip installed; it imports open_clip when used.
 """

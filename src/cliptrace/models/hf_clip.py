@@ -6,22 +6,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, CLIPConfig, CLIPModel, PreTrainedTokenizerBase
+from transformers import CLIPModel, PreTrainedTokenizerBase
 
 from cliptrace.data.transforms import ImageTransform
-from cliptrace.models.base import DualEncoder, check_weights_fit
+from cliptrace.models.base import DualEncoder
 from cliptrace.models.base import normalize as l2_normalize
-from cliptrace.models.directory import (
-    read_manifest,
-    read_preprocessor_config,
-    require_directory,
-    write_manifest,
-    write_preprocessor_config,
-)
+from cliptrace.models.directory import write_manifest, write_preprocessor_config
+from cliptrace.models.hf_pretrained import load_hf_pretrained
 from cliptrace.models.presets import build_config
-from cliptrace.models.tokenizer import load_tokenizer, tokenize
+from cliptrace.models.tokenizer import tokenize
 from cliptrace.models.towers.hf_clip import CLIPImageTower, CLIPTextTower
-from cliptrace.models.weights import safetensors_files, tensor_shapes
 
 
 class HFCLIP(DualEncoder):
@@ -94,27 +88,9 @@ class HFCLIP(DualEncoder):
                 weights are pickled, unreadable or of another architecture, or its tokenizer is missing or does not
                 fit the text tower (see :func:`cliptrace.models.tokenizer.load_tokenizer`).
         """
-        directory = require_directory(directory)
-        manifest = read_manifest(directory)
-        if manifest is not None and manifest["adapter"] != "hf_clip":
-            raise ValueError(f"{directory}: holds a {manifest['adapter']} model; load it with load_model")
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        if not isinstance(config, CLIPConfig):
-            raise ValueError(f"{directory}: config.json has model_type {config.model_type!r}, expected 'clip'")
-        files = safetensors_files(directory, getattr(config, "transformers_weights", None))
-        found = {name: shape for path in files for name, shape in tensor_shapes(path).items()}
-        with torch.device("meta"):
-            expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
-        check_weights_fit(expected, found, f"{files[0] if len(files) == 1 else directory} "
-                                           f"(config {directory / 'config.json'})")
-        tokenizer = load_tokenizer(directory, config.text_config.vocab_size)
-        model = CLIPModel.from_pretrained(directory, attn_implementation=attn_implementation, local_files_only=True,
-                                          use_safetensors=True)
-        preprocess = (
-            manifest["preprocess"]
-            if manifest is not None
-            else read_preprocessor_config(directory) or ImageTransform(config.vision_config.image_size)
-        )
+        model, tokenizer, preprocess = load_hf_pretrained(
+            directory, "hf_clip", CLIPModel, lambda config: ImageTransform(config.vision_config.image_size),
+            attn_implementation)
         return cls(model, tokenizer, preprocess)
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:

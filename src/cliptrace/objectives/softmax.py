@@ -15,7 +15,8 @@ def contrastive_loss(
     """Symmetric InfoNCE of CLIP for this rank's rows against the whole global batch.
 
     With normalized features φ (images) and ψ (texts) of the global batch of N pairs and τ = ``logit_scale``
-    (already exponentiated), the loss is ``½·mean_i[−log softmax_j(τ φ_i·ψ_j)_i] + ½·mean_i[−log softmax_j(τ ψ_i·φ_j)_i]``.
+    (already exponentiated), the loss is
+    ``½·mean_i[−log softmax_j(τ φ_i·ψ_j)_i] + ½·mean_i[−log softmax_j(τ ψ_i·φ_j)_i]``.
     Under ``torch.distributed`` each rank scores its own rows against the gathered columns; the mean of the
     per-rank losses is the global loss, and the gradients that data-parallel training averages are exactly
     those of the global loss.

@@ -392,8 +392,9 @@ def backward_step(fabric: Fabric, model: nn.Module, batch: dict[str, torch.Tenso
     """Embed a batch, take the model objective's loss against the global batch and run its backward pass.
 
     The loss is ``model.objective.loss`` of what the model's forward returns (features, logit multiplier and, for
-    models with one, the logit bias), so it comes through the forward pass DDP wraps. Under DDP each process passes its share of the global batch; the gradients DDP averages across processes are
-    then those of the loss of the whole global batch in one process. The loss is computed in at least float32.
+    models with one, the logit bias), so it comes through the forward pass DDP wraps. Under DDP each process passes
+    its share of the global batch; the gradients DDP averages across processes are then those of the loss of the
+    whole global batch in one process. The loss is computed in at least float32.
 
     Args:
         fabric: The Fabric driving the run.

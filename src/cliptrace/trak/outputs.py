@@ -8,8 +8,9 @@ A model-output function is a small object with two methods:
   parameters, as the factored feature path (:mod:`~cliptrace.trak.factored`) needs.
 
 A model's training objective picks its output (:func:`output_for_objective`): the CLIP margin against a negative
-bank for softmax InfoNCE, the pair's logit for SigLIP's sigmoid loss. To add your own, subclass :class:`ModelOutput`. Every example carries ``index``: its position in the training
-set, or −1 for an example that is not a training example (a target).
+bank for softmax InfoNCE, the pair's logit for SigLIP's sigmoid loss. To add your own, subclass
+:class:`ModelOutput`. Every example carries ``index``: its position in the training set, or −1 for an example that
+is not a training example (a target).
 """
 
 from __future__ import annotations

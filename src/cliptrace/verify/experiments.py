@@ -55,7 +55,8 @@ def linear_datamodeling(
         n_models: Subset models M.
         alpha: Share of the training pairs each keeps.
         seed: Seeds the subsets and the bootstrap.
-        output: ``"margin"`` (the CLIP margin against the held-out bank) or ``"logit"`` (the pair's similarity).
+        output: ``"margin"`` (the per-pair output of the model's objective: the CLIP margin against the held-out
+            bank, or a SigLIP model's pair logit) or ``"logit"`` (the pair's logit).
         workers: Processes retraining at once.
         n_resamples: Bootstrap resamples of the confidence interval.
         progress: Show progress bars.
@@ -125,7 +126,7 @@ def removal_plot(rows: Sequence[Mapping[str, float | int | str]], path: str | Pa
     figure = Figure(figsize=(9, 3.4))
     axes = figure.subplots(1, 2)
     methods = list(dict.fromkeys(str(row["method"]) for row in rows))
-    for ax, key, title in zip(axes, ("drop_logit", "drop_margin"), ("similarity logit", "CLIP margin")):
+    for ax, key, title in zip(axes, ("drop_logit", "drop_margin"), ("similarity logit", "margin (the objective's pair output)")):
         for method in methods:
             ks = sorted({int(row["k"]) for row in rows if row["method"] == method})
             values = [[float(row[key]) for row in rows if row["method"] == method and row["k"] == k] for k in ks]
