@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from cliptrace.cli import app
-from cliptrace.curate.curation import removal_budget, write_curation
+from cliptrace.curate.curation import removal_budget
 from cliptrace.curate.filters import FILTERS, OUTLIER_Z, get_filter
 from cliptrace.curate.retrain import compare_arms
 from cliptrace.curate.signals import Signals, near_duplicates
