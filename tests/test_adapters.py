@@ -41,6 +41,8 @@ CONTEXT = 16
 WORDS = "red green blue yellow purple circle square triangle cross star small large above below left right".split()
 CAPTIONS = ["a red circle", "a small blue square above a green cross", "two yellow triangles", "a purple cross"]
 ADAPTERS = ["hf_clip", "siglip", pytest.param("open_clip", marks=pytest.mark.open_clip), "frozen"]
+# The frozen dual encoder with both backbones fine-tuned (ViT + BERT parameters trainable too), where it matters.
+FROZEN_UNLOCKED = ["frozen_unlocked"]
 
 # open_clip: a custom ViT config (``OpenCLIPAdapter.from_config``), built without open_clip's registry.
 OPEN_CLIP_TINY = {
@@ -75,13 +77,18 @@ def build(adapter: str, dtype: torch.dtype = torch.float32) -> DualEncoder:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = OpenCLIPAdapter.from_config(OPEN_CLIP_TINY, model_name="tiny-vit")
-    elif adapter == "frozen":
+    elif adapter in ("frozen", "frozen_unlocked"):
+        locked = adapter == "frozen"
         tokenizer = _tokenizer()
         vision = ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=16, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=32)
         text = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                           intermediate_size=32, max_position_embeddings=CONTEXT)
-        model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=16, seed=0)
+        model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=16, seed=0,
+                                                       lock_image=locked, lock_text=locked)
+        if not locked:  # the mean pooling never uses the backbones' poolers: nothing to train there
+            model.vision.pooler.requires_grad_(False)
+            model.text.pooler.requires_grad_(False)
     else:
         raise ValueError(adapter)
     return model.to(dtype).eval()
@@ -185,7 +192,7 @@ def brute_force_loss(model: DualEncoder, images: torch.Tensor, tokens: dict[str,
 # === 1. factored TRAK features = projected exact per-example gradients ===========================================
 
 
-@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("adapter", ADAPTERS + FROZEN_UNLOCKED)
 def test_factored_and_exact_features_equal_projected_per_example_gradients(adapter: str) -> None:
     model = build(adapter, torch.float64)
     perturb(model)
