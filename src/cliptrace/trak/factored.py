@@ -13,8 +13,8 @@ frozen during it, so no weight-gradient product runs) give the features of a who
 Supported layers and their (x_t, δ_t):
 
 * ``nn.Linear``: input rows and output-gradient rows; bias through the appended 1.
-* ``nn.Conv2d`` (groups = 1, zero padding): the unfolded input patches (``F.unfold``) and the output gradient at each
-  location; the weight is read as (out, in·kh·kw).
+* ``nn.Conv2d`` (groups = 1, zero padding, or ``"valid"``): the unfolded input patches (``F.unfold``) and the output
+  gradient at each location; the weight is read as (out, in·kh·kw).
 * ``nn.Embedding``: x_t is the one-hot id, so P_i x_t is column id_t of P_i (never formed); positions holding
   ``padding_idx`` get no gradient, as in torch. The weight (V, d) is read as its transpose (d outputs, V inputs).
 * ``nn.LayerNorm``: its own exact form, ∂f/∂γ = Σ_t δ_t ⊙ x̂_t and ∂f/∂β = Σ_t δ_t (unprojected).
@@ -157,7 +157,8 @@ class FactoredLayer:
         x = inputs[0].detach()
         if isinstance(self.module, nn.Conv2d):
             module = self.module
-            x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+            padding = 0 if module.padding == "valid" else module.padding  # "valid" (HF SigLIP's patches) pads nothing
+            x = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
         return _per_example(x.to(dtype), batch, self.name).reshape(batch, -1, x.shape[-1])
 
     def with_bias(self, rows: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,8 @@ def _per_example(tensor: torch.Tensor, batch: int, name: str) -> torch.Tensor:
 
 def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+        return module.groups == 1 and module.padding_mode == "zeros" and (isinstance(module.padding, tuple)
+                                                                          or module.padding == "valid")
     if isinstance(module, nn.Embedding):
         return module.max_norm is None and not module.sparse
     if isinstance(module, nn.LayerNorm):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
@@ -72,9 +73,34 @@ def per_example_gradients(
     def f(p: dict[str, torch.Tensor], example: Any, index: torch.Tensor) -> torch.Tensor:
         return output.output(module, p, example, index)
 
-    with torch.no_grad():  # torch.func.grad still differentiates; nothing outside it is recorded
+    with torch.no_grad(), _masks_built():  # torch.func.grad still differentiates; nothing outside it is recorded
         grads = vmap(grad(f), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, batch, indices)
     return torch.cat([grads[name].reshape(indices.shape[0], -1) for name in names], dim=1)
+
+
+@contextmanager
+def _masks_built() -> Iterator[None]:
+    """Have transformers build every bidirectional attention mask rather than skip an all-ones one.
+
+    Deciding the skip reads the padding mask's values in a Python ``if`` (``padding_mask.all()``), which
+    ``torch.func.vmap`` refuses as data-dependent control flow: transformers 5.x BERT-style text backbones (the frozen
+    dual encoder's) fail under the exact path without this. The built mask gives the same attention.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:  # an older transformers without masking_utils: nothing to switch
+        yield
+        return
+    name = "_ignore_bidirectional_mask_sdpa"
+    original = getattr(masking_utils, name, None)
+    if original is None:
+        yield
+        return
+    setattr(masking_utils, name, lambda *args, **kwargs: False)
+    try:
+        yield
+    finally:
+        setattr(masking_utils, name, original)
 
 
 @torch.no_grad()

@@ -8,9 +8,9 @@ can be carried back to P by ``torch.func.vjp``) to the op where it meets the bat
 
 * **linear use** ``F.linear(x, P, b)``, ``x @ P``: a linear layer with weight P (or Pᵀ), formed like a hooked
   ``nn.Linear``: keep the projected input rows, project the output gradient, one batched product;
-* **broadcast use** (``+ − × ÷`` with a batched tensor, or ``expand`` to the batch size): the op runs on a
-  per-example replica of the value, shape (B, ...), whose gradient is the per-example gradient (position and class
-  embeddings, the logit scale);
+* **broadcast use** (``+ − × ÷`` with a batched tensor, or ``expand`` or ``repeat`` to the batch size): the op runs
+  on a per-example replica of the value, shape (B, ...), whose gradient is the per-example gradient (position and
+  class embeddings, the logit scale, SigLIP's attention-pool probe);
 * ``F.multi_head_attention_forward``: recomputed by :func:`~cliptrace.trak.multihead.multi_head_attention` with its
   in- and out-projections as linear uses.
 
@@ -149,6 +149,10 @@ class ParameterUses(TorchFunctionMode):
             if multihead.supports(call):
                 return multihead.multi_head_attention(self._linear, call)
         elif not any(batched):
+            expand = _as_batch_expand(func, args, self.batch) if len(owners) == 1 and not kwargs else None
+            if expand is not None:  # value.repeat(B, 1, …, 1): the same tensor as an expand to the batch
+                leaves, spec = tree_flatten((expand, {}))
+                return self._broadcast(torch.Tensor.expand, leaves, spec, [self._entry(leaf) for leaf in leaves])
             if len(owners) == 1 and _is_batch_expand(func, args, self.batch):
                 return self._broadcast(func, leaves, spec, tracked)
             if len(owners) == 1:
@@ -280,3 +284,19 @@ def _is_batch_expand(func: Callable[..., Any], args: tuple[Any, ...], batch: int
     value = args[0]
     aligned = (1,) * (len(sizes) - value.dim()) + tuple(value.shape)
     return len(sizes) > 0 and sizes[0] == batch and aligned[0] == 1
+
+
+def _as_batch_expand(func: Callable[..., Any], args: tuple[Any, ...], batch: int
+                     ) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """``(value, sizes)`` when ``func(*args)`` is ``value.repeat(batch, 1, …, 1)`` of a value whose leading size
+    (after aligning it to the repeats) is 1, as SigLIP's attention-pool probe: the same tensor as
+    ``value.expand(sizes)``. None for any other call."""
+    if func is not torch.Tensor.repeat or len(args) < 2:
+        return None
+    value, repeats = args[0], _expand_sizes(list(args[1:]))
+    if len(repeats) < value.dim():
+        return None
+    aligned = (1,) * (len(repeats) - value.dim()) + tuple(value.shape)
+    if repeats[0] != batch or aligned[0] != 1 or any(count != 1 for count in repeats[1:]):
+        return None
+    return value, (batch, *aligned[1:])
