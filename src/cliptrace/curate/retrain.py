@@ -163,7 +163,7 @@ def comparison_plot(comparisons: Sequence[dict], path: str | Path) -> Path:
     """One panel per compared metric (``{"metric", "arms"}`` as :func:`compare_arms` gives them), a bar per arm: the
     metric's mean over seeds with its 95 % bootstrap CI."""
     arms = max(len(comparison["arms"]) for comparison in comparisons)
-    figure = Figure(figsize=((1.2 + 1.1 * arms) * len(comparisons), 3.4))
+    figure = Figure(figsize=((1.2 + 1.1 * arms) * len(comparisons), 3.6), layout="constrained")
     for number, comparison in enumerate(comparisons, start=1):
         table = comparison["arms"]
         axes = figure.add_subplot(1, len(comparisons), number)
