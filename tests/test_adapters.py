@@ -86,9 +86,6 @@ def build(adapter: str, dtype: torch.dtype = torch.float32) -> DualEncoder:
                           intermediate_size=32, max_position_embeddings=CONTEXT)
         model = FrozenBackboneDualEncoder.from_configs(vision, text, tokenizer, projection_dim=16, seed=0,
                                                        lock_image=locked, lock_text=locked)
-        if not locked:  # the mean pooling never uses the backbones' poolers: nothing to train there
-            model.vision.pooler.requires_grad_(False)
-            model.text.pooler.requires_grad_(False)
     else:
         raise ValueError(adapter)
     return model.to(dtype).eval()

@@ -162,6 +162,20 @@ def test_auto_damping_is_chosen_once_stored_and_deterministic(trained, tmp_path:
     np.testing.assert_allclose(first.scores, fixed.scores, rtol=1e-9)
 
 
+def test_ekfac_leaves_raw_parameters_out_of_the_store_it_creates(trained, tmp_path: Path) -> None:
+    """EK-FAC's whitening drops raw parameters (here the logit scale) from the features: the store must be made
+    with the whitened featurizer's settings (it was made before and then refused), and the scores are those of the
+    parameters without it."""
+    run, train_records, targets = trained
+    with_scale = SETTINGS.replace(parameters=(*SETTINGS.parameters, "model.logit_scale"))
+    with pytest.warns(UserWarning, match="leave out 1 parameter.*K-FAC whitening: model.logit_scale"):
+        result = attribute(run, train_records, targets, method="ekfac", settings=with_scale,
+                           store_dir=tmp_path / "scale", checkpoints=1)
+    without = attribute(run, train_records, targets, method="ekfac", settings=SETTINGS, store_dir=tmp_path / "plain",
+                        checkpoints=1)
+    np.testing.assert_allclose(result.scores, without.scores, rtol=1e-9)
+
+
 def test_default_commands_share_one_store(trained, tmp_path: Path) -> None:
     """``report RUN`` then ``trak featurize|topk RUN`` with default options: one store, features reused."""
     run, _, _ = trained

@@ -35,6 +35,7 @@ from cliptrace.data.images import ImageLoader
 from cliptrace.data.readers import load_records, select_split
 from cliptrace.data.shapes import generate_shapes_world
 from cliptrace.models import FrozenBackboneDualEncoder, load_model, train_tokenizer
+from cliptrace.models.tokenizer import load_tokenizer
 from cliptrace.models.backbone_reference import BackboneChangedError
 from cliptrace.train import TrainConfig, initial_model, list_checkpoints
 
@@ -173,7 +174,7 @@ def test_the_run_records_its_backbones_and_locks(run: Path, backbones: dict[str,
     model = load_model(run / "model")
     assert isinstance(model, FrozenBackboneDualEncoder)
     assert not any(p.requires_grad for p in model.vision.parameters())
-    assert all(p.requires_grad for p in model.text.parameters())
+    assert all(p.requires_grad for name, p in model.text.named_parameters() if not name.startswith("pooler."))
 
 
 def test_a_config_saved_before_backbones_existed_reads_them_as_none(tmp_path: Path) -> None:
@@ -434,6 +435,39 @@ def test_other_backbone_families_save_the_unlocked_tower_and_reload_exactly(
     assert stored == {tower for tower, locked in (("image", lock_image), ("text", lock_text)) if not locked}
     loaded = assert_reloads_exactly(model, tmp_path / "saved", tokens)
     assert loaded.locked == {"image": lock_image, "text": lock_text}
+
+
+UNLOCKED_CONFIGS = {  # name -> (image backbone config, text backbone config of a vocabulary size)
+    "vit-bert": (lambda: ViTConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=16, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=32),
+                 lambda vocab: BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32, pad_token_id=0)),
+    "clip-towers": (lambda: CLIPVisionConfig(image_size=IMAGE_SIZE, patch_size=8, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2),
+                    lambda vocab: CLIPTextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 max_position_embeddings=32, eos_token_id=1)),
+}
+
+
+@pytest.mark.parametrize("name", UNLOCKED_CONFIGS)
+def test_every_trainable_parameter_of_unlocked_backbones_reaches_the_loss(backbones: dict[str, Path],
+                                                                          name: str) -> None:
+    """The pooler (BERT, ViT) and CLIP's vision post_layernorm act only on the backbone's own pooled output, which
+    the mean pooling never reads: they are frozen, so no trainable parameter is left without a gradient (TRAK's
+    per-layer kernels and EK-FAC failed on them, DDP refuses them)."""
+    tokenizer = load_tokenizer(backbones["text"])
+    image_config, text_config = UNLOCKED_CONFIGS[name]
+    model = FrozenBackboneDualEncoder.from_configs(image_config(), text_config(len(tokenizer)), tokenizer,
+                                                   projection_dim=8, seed=0, lock_image=False, lock_text=False)
+    take_a_step(model)
+    without_gradient = [key for key, parameter in model.named_parameters()
+                        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.abs().sum() > 0)]
+    assert without_gradient == []
+    frozen = sorted(key for key, parameter in model.named_parameters() if not parameter.requires_grad)
+    assert frozen == sorted(key for key in model.state_dict()
+                            if key.startswith(("vision.pooler.", "text.pooler.", "vision.post_layernorm.")))
+    assert frozen  # each pair has such a module
 
 
 def test_an_old_style_frozen_directory_with_stored_backbones_still_loads(backbones: dict[str, Path],

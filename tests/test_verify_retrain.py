@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from cliptrace.models import load_model
 from cliptrace.train import TrainConfig, train
 from cliptrace.verify import linear_datamodeling_score
 from cliptrace.verify.experiments import FULL, linear_datamodeling, remove_and_retrain, subset_jobs
-from cliptrace.verify.retrain import Job, create_plan, load_outputs, output_path, run_jobs, target_outputs
+from cliptrace.verify.retrain import Job, Plan, create_plan, load_outputs, output_path, run_jobs, target_outputs
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +178,13 @@ def test_a_plan_written_before_data_options_still_gives_its_jobs_settings(tmp_pa
 
     assert config.data_options.format == "csv" and config.epochs == 2 and config.data == "data/train.tsv"
     assert config.train_ids == str(tmp_path / "jobs" / "subset-0" / "train_ids.txt")
+
+
+def test_a_job_of_a_run_of_backbones_starts_from_init_alone(tmp_path: Path) -> None:
+    """A LiT run's config names its backbones; a job starts from ``init/`` instead (whose manifest keeps the locks),
+    so the two must not both reach TrainConfig (it refuses a model with backbones)."""
+    run = TrainConfig(data="world", out="run", image_backbone="vit", text_backbone="bert", lock_image=True)
+    plan = Plan(run="run", config=dataclasses.asdict(run), train_ids=("a", "b"), target_ids=("c",), bank_ids=())
+    config = plan.train_config(tmp_path, Job("m0", ("a",)))
+    assert (config.model, config.image_backbone, config.text_backbone) == (str(tmp_path / "init"), None, None)
+    assert not config.lock_image and config.epochs == run.epochs and config.seed == run.seed

@@ -117,8 +117,9 @@ def whiten_checkpoint(checkpoint: LoadedCheckpoint, training: TrainingSide, sett
     identity = {"kind": str(settings.whitening), "fit_records": str(settings.fit_records), "seed": str(settings.seed),
                 "weights": featurizer.fingerprint(), "train_data": digest}
     featurizer.whitening = {"kind": settings.whitening, "damping": settings.damping, "fit_records": settings.fit_records}
-    store = feature_store(training.store_path(settings), len(records), digest, featurizer, settings, checkpoint.id)
-    path = store.directory / "whitening" / f"{checkpoint.id}.safetensors"
+    directory = training.store_path(settings)
+    path = directory / "whitening" / f"{checkpoint.id}.safetensors"
+    fitted = None
     if is_main(training.ranks) and stored_metadata(path) != identity:
         order = np.random.default_rng(settings.seed).permutation(len(records))
         positions = sorted(order[: settings.fit_records].tolist())
@@ -131,7 +132,12 @@ def whiten_checkpoint(checkpoint: LoadedCheckpoint, training: TrainingSide, sett
                 batch = (images.to(settings.device, dtype), {k: v.to(settings.device) for k, v in tokens.items()})
                 yield batch, torch.as_tensor(chunk)[owner].to(settings.device)
 
-        save_statistics(path, fit_statistics(featurizer, fitting_batches, settings.whitening), identity)
+        fitted = fit_statistics(featurizer, fitting_batches, settings.whitening)
+        featurizer.whiten(whitenings(fitted, float(settings.damping)), featurizer.whitening)
+        # the store takes the whitened featurizer's settings (the whitening leaves raw parameters out), then the file
+        feature_store(directory, len(records), digest, featurizer, settings, checkpoint.id)
+        save_statistics(path, fitted, identity)
     barrier(training.ranks)
-    statistics = load_statistics(path, [layer.name for layer in featurizer.layers])
-    featurizer.whiten(whitenings(statistics, float(settings.damping)), featurizer.whitening)
+    if fitted is None:
+        statistics = load_statistics(path, [layer.name for layer in featurizer.layers])
+        featurizer.whiten(whitenings(statistics, float(settings.damping)), featurizer.whitening)

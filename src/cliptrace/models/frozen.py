@@ -46,6 +46,8 @@ from cliptrace.models.weights import read_tensors, safetensors_files, tensor_sha
 HEADS_NAME = "heads.safetensors"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 TOWERS = {"image": "vision", "text": "text"}  # tower -> the attribute (and subdirectory) holding its backbone
+# Modules a backbone applies only to its own pooled output, which the mean pooling here never reads
+OFF_PATH_MODULES = ("pooler", "post_layernorm")  # BERT, ViT, ResNet, ...; CLIPVisionModel
 MISSING_WEIGHTS_SEED = 0  # initializes weights a backbone directory lacks, so that every load gives the same ones
 
 
@@ -82,6 +84,8 @@ class FrozenBackboneDualEncoder(DualEncoder):
         self.references: dict[str, BackboneReference] = {}
         self.vision = vision.requires_grad_(not lock_image).train(not lock_image)
         self.text = text.requires_grad_(not lock_text).train(not lock_text)
+        for backbone in (self.vision, self.text):
+            _freeze_off_path(backbone)
         self.visual_projection = nn.Linear(_width(vision.config), projection_dim, bias=False)
         self.text_projection = nn.Linear(_width(text.config), projection_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
@@ -361,6 +365,16 @@ def _read_towers(manifest: dict[str, Any], directory: Path) -> dict[str, tuple[b
                              "referenced")
         read[tower] = (entry["locked"], reference)
     return read
+
+
+def _freeze_off_path(backbone: PreTrainedModel) -> None:
+    """Freeze the backbone's :data:`OFF_PATH_MODULES`: they never reach an embedding, so their parameters would get
+    no gradient (DDP refuses such parameters; TRAK's per-layer kernels and EK-FAC cannot fit them)."""
+    for name in OFF_PATH_MODULES:
+        try:
+            backbone.get_submodule(name).requires_grad_(False)
+        except AttributeError:  # no such module (or None: a model built without its pooler)
+            continue
 
 
 def _width(config: PretrainedConfig) -> int:

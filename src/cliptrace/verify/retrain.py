@@ -75,13 +75,14 @@ class Plan:
     def train_config(self, directory: Path, job: Job) -> TrainConfig:
         """The settings of ``job``: the run's, from ``init/``, on the job's records, no evaluation.
 
+        ``init/`` replaces the backbones of a dual encoder of backbones; its manifest keeps their locks.
         A checkpoint is kept after every epoch (the newest only), so a killed job resumes from its last epoch.
         """
         ids_file = directory / "jobs" / job.name / "train_ids.txt"
         return dataclasses.replace(
-            TrainConfig.from_dict(self.config, str(directory / PLAN)), out=str(directory / "jobs" / job.name / "run"), model=str(directory / "init"),
-            train_ids=str(ids_file), eval_split=None, save_every=1, keep_checkpoints=1,
-            progress=False,
+            TrainConfig.from_dict(self.config, str(directory / PLAN)), out=str(directory / "jobs" / job.name / "run"),
+            model=str(directory / "init"), image_backbone=None, text_backbone=None, lock_image=False, lock_text=False,
+            train_ids=str(ids_file), eval_split=None, save_every=1, keep_checkpoints=1, progress=False,
         )
 
 
