@@ -40,7 +40,8 @@ def curate_command(
         help="Cosine similarity of image embeddings from which a pair is reported as a near-duplicate.")] = 0.998,
     verify: Annotated[bool, typer.Option(
         help="Retrain the run's recipe on every filter's curated set and on all pairs, over --seeds seeds, and "
-             "compare test retrieval R@1 (cached in RUN/curate-retrain).")] = False,
+             "compare test retrieval R@1 and, where the records have labels, zero-shot top-1 (cached in "
+             "RUN/curate-retrain).")] = False,
     seeds: Annotated[int, typer.Option(help="Seeds per retrained arm (--verify).")] = 3,
     workers: Annotated[int, typer.Option(help="Processes retraining at once (--verify).")] = 1,
     progress: Progress = True,
